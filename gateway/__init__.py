@@ -1,0 +1,1 @@
+"""mirror-gateway: geo-aware mirror routing for Hugging Face-style downloads."""

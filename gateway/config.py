@@ -1,0 +1,501 @@
+"""Gateway configuration: frozen typed objects, built from YAML over defaults.
+
+Every validation error names the YAML key, the bad value and what is allowed, so an operator can
+fix the file from the message alone. Loading never exits the process; the CLI decides that.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import string
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.countries import CONTINENTS, lookup_country
+
+CONFIG_ENV_VAR = "MIRROR_GATEWAY_CONFIG"
+
+NodeKind = Literal["mirror", "cache", "third_party"]
+ForwardedHeader = Literal["x-forwarded-for", "forwarded", "none"]
+CacheMode = Literal["private", "cdn-geo"]
+TierName = Literal["asn", "country", "continent", "any"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+TIER_ORDER: tuple[TierName, ...] = get_args(TierName)
+
+#: How a node lays out Hugging Face paths. Placeholders are filled with already-encoded values.
+DEFAULT_URL_TEMPLATE = "{base}/{type_prefix}{repo}/resolve/{revision}/{path}"
+URL_TEMPLATE_FIELDS = frozenset({"base", "type_prefix", "repo_type", "repo", "revision", "path"})
+
+LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    #: Longest accepted request path (bytes, percent-encoded form).
+    max_path_bytes: int = 4096
+    #: Longest accepted request line or header field; longer ones get a JSON 4xx.
+    max_header_bytes: int = 8190
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIPConfig:
+    trusted_proxies: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    forwarded_header: ForwardedHeader = "x-forwarded-for"
+    cdn_client_ip_header: str | None = None
+    cdn_country_header: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GeoIPConfig:
+    #: None selects the GeoLite2 City database bundled with the ``maxminddb-geolite2`` package.
+    city_db: Path | None = None
+    asn_db: Path | None = None
+    cache_size: int = 65536
+    stale_after_days: int = 45
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "https://huggingface.co"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    #: Widest tier a node may be chosen from; clients with nothing closer go upstream.
+    max_tier: TierName = "any"
+    #: Nodes whose distance is within this band of the closest one count as equally good.
+    near_equal_km: float = 100.0
+    near_equal_ratio: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesConfig:
+    cache_mode: CacheMode = "private"
+    #: Seconds a CDN may keep a redirect in ``cdn-geo`` mode.
+    max_age: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceArea:
+    countries: frozenset[str] = frozenset()
+    continents: frozenset[str] = frozenset()
+    asns: frozenset[int] = frozenset()
+
+    @property
+    def everywhere(self) -> bool:
+        return not (self.countries or self.continents or self.asns)
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    connections: int | None = None
+    egress_mbps: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    id: str
+    base_url: str
+    kind: NodeKind = "mirror"
+    country: str | None = None
+    continent: str | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+    asns: frozenset[int] = frozenset()
+    weight: float = 1.0
+    capacity: Capacity = field(default_factory=Capacity)
+    serves: ServiceArea = field(default_factory=ServiceArea)
+    url_template: str = DEFAULT_URL_TEMPLATE
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    client_ip: ClientIPConfig = field(default_factory=ClientIPConfig)
+    geoip: GeoIPConfig = field(default_factory=GeoIPConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    nodes: tuple[NodeConfig, ...] = ()
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+
+class _Section:
+    """A YAML mapping being read, with its dotted key path for error messages."""
+
+    def __init__(self, data: object, path: str, allowed: Iterable[str]) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path or 'top level'}: expected a mapping, got {_show(data)}")
+        allowed = tuple(allowed)
+        unknown = sorted(str(k) for k in data if k not in allowed)
+        if unknown:
+            where = f"{path}.{unknown[0]}" if path else unknown[0]
+            raise ConfigError(f"{where}: unknown key; allowed keys: {', '.join(allowed)}")
+        self._data = data
+        self._path = path
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def has(self, name: str) -> bool:
+        return self._data.get(name) is not None
+
+    def raw(self, name: str) -> object:
+        return self._data.get(name)
+
+    def get(self, name: str, default: D, convert: Callable[[object, str], T]) -> T | D:
+        value = self._data.get(name)
+        if value is None:
+            return default
+        return convert(value, self.key(name))
+
+    def section(self, name: str, allowed: Iterable[str]) -> _Section:
+        return _Section(self._data.get(name), self.key(name), allowed)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _int(minimum: int, maximum: int) -> Callable[[object, str], int]:
+    def convert(value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{key}: {value} is out of range; allowed: {minimum}..{maximum}")
+        return value
+
+    return convert
+
+
+def _float(minimum: float, maximum: float) -> Callable[[object, str], float]:
+    def convert(value: object, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{key}: {value} is out of range; allowed: {minimum}..{maximum}")
+        return float(value)
+
+    return convert
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a non-empty string, got {_show(value)}")
+    return value.strip()
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[object, str], Any]:
+    def convert(value: object, key: str) -> str:
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: {_show(value)} is not allowed; allowed: {', '.join(choices)}"
+            )
+        return str(value)
+
+    return convert
+
+
+def _list(value: object, key: str) -> list[object]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {_show(value)}")
+    return value
+
+
+def _http_url(value: object, key: str) -> str:
+    text = _str(value, key).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: {_show(value)} is not an absolute http:// or https:// URL")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{key}: {_show(value)} must not carry a query, fragment or credentials")
+    return text
+
+
+def _header_name(value: object, key: str) -> str:
+    text = _str(value, key).lower()
+    token_chars = set(string.ascii_lowercase + string.digits + "!#$%&'*+-.^_`|~")
+    if not set(text) <= token_chars:
+        raise ConfigError(f"{key}: {_show(value)} is not a valid HTTP header name")
+    return text
+
+
+def _country(value: object, key: str) -> str:
+    code = value.upper() if isinstance(value, str) else value
+    if not isinstance(code, str) or lookup_country(code) is None:
+        raise ConfigError(
+            f"{key}: {_show(value)} is not a known ISO 3166-1 alpha-2 country code "
+            "(see geodata/countries.tsv)"
+        )
+    return code
+
+
+def _continent(value: object, key: str) -> str:
+    code = value.upper() if isinstance(value, str) else value
+    if code not in CONTINENTS:
+        allowed = ", ".join(sorted(CONTINENTS))
+        raise ConfigError(f"{key}: {_show(value)} is not a continent code; allowed: {allowed}")
+    return str(code)
+
+
+def _asn(value: object, key: str) -> int:
+    if isinstance(value, str) and value.upper().startswith("AS"):
+        value = value[2:]
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return _int(1, 2**32 - 1)(value, key)
+
+
+def _network(value: object, key: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ConfigError(
+            f"{key}: {_show(value)} is not an IP address or CIDR (e.g. 10.0.0.0/8, 2001:db8::/32)"
+        ) from None
+
+
+def _each(convert: Callable[[object, str], T]) -> Callable[[object, str], tuple[T, ...]]:
+    def convert_all(value: object, key: str) -> tuple[T, ...]:
+        return tuple(convert(item, f"{key}[{i}]") for i, item in enumerate(_list(value, key)))
+
+    return convert_all
+
+
+def _path(value: object, key: str) -> Path:
+    return Path(os.path.expanduser(_str(value, key)))
+
+
+def _url_template(value: object, key: str) -> str:
+    template = _str(value, key)
+    if not template.startswith("{base}/"):
+        raise ConfigError(
+            f"{key}: {_show(value)} must start with '{{base}}/' so redirects stay on the node"
+        )
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {_show(value)} is not a valid template ({exc})") from None
+    unknown = fields - URL_TEMPLATE_FIELDS
+    if unknown:
+        raise ConfigError(
+            f"{key}: unknown placeholder {{{sorted(unknown)[0]}}}; "
+            f"allowed: {', '.join('{' + f + '}' for f in sorted(URL_TEMPLATE_FIELDS))}"
+        )
+    return template
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _server(s: _Section) -> ServerConfig:
+    d = ServerConfig()
+    return ServerConfig(
+        host=s.get("host", d.host, _str),
+        port=s.get("port", d.port, _int(0, 65535)),
+        max_path_bytes=s.get("max_path_bytes", d.max_path_bytes, _int(256, 65536)),
+        max_header_bytes=s.get("max_header_bytes", d.max_header_bytes, _int(1024, 65536)),
+    )
+
+
+def _client_ip(s: _Section) -> ClientIPConfig:
+    d = ClientIPConfig()
+    return ClientIPConfig(
+        trusted_proxies=s.get("trusted_proxies", d.trusted_proxies, _each(_network)),
+        forwarded_header=s.get(
+            "forwarded_header", d.forwarded_header, _choice(get_args(ForwardedHeader))
+        ),
+        cdn_client_ip_header=s.get("cdn_client_ip_header", None, _header_name),
+        cdn_country_header=s.get("cdn_country_header", None, _header_name),
+    )
+
+
+def _geoip(s: _Section) -> GeoIPConfig:
+    d = GeoIPConfig()
+    return GeoIPConfig(
+        city_db=s.get("city_db", None, _path),
+        asn_db=s.get("asn_db", None, _path),
+        cache_size=s.get("cache_size", d.cache_size, _int(0, 10_000_000)),
+        stale_after_days=s.get("stale_after_days", d.stale_after_days, _int(1, 36500)),
+    )
+
+
+def _routing(s: _Section) -> RoutingConfig:
+    d = RoutingConfig()
+    return RoutingConfig(
+        max_tier=s.get("max_tier", d.max_tier, _choice(TIER_ORDER)),
+        near_equal_km=s.get("near_equal_km", d.near_equal_km, _float(0.0, 20_000.0)),
+        near_equal_ratio=s.get("near_equal_ratio", d.near_equal_ratio, _float(0.0, 10.0)),
+    )
+
+
+def _responses(s: _Section) -> ResponsesConfig:
+    d = ResponsesConfig()
+    return ResponsesConfig(
+        cache_mode=s.get("cache_mode", d.cache_mode, _choice(get_args(CacheMode))),
+        max_age=s.get("max_age", d.max_age, _int(0, 86400)),
+    )
+
+
+def _redis(s: _Section) -> RedisConfig:
+    url = s.get("url", None, _str)
+    if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"redis.url: {_show(url)} must be a redis://, rediss:// or unix:// URL")
+    return RedisConfig(url=url)
+
+
+_NODE_KEYS = (
+    "id", "url", "kind", "country", "continent", "latitude", "longitude", "asns", "weight",
+    "capacity", "serves", "url_template", "enabled",
+)  # fmt: skip
+
+
+def _node(value: object, key: str) -> NodeConfig:
+    s = _Section(value, key, _NODE_KEYS)
+    node_id = s.get("id", "", _str)
+    if not node_id:
+        raise ConfigError(f"{s.key('id')}: required")
+    if not set(node_id) <= set(string.ascii_letters + string.digits + "-_."):
+        raise ConfigError(f"{s.key('id')}: {_show(node_id)} may use only letters, digits, - _ .")
+    if not s.has("url"):
+        raise ConfigError(f"{s.key('url')}: required (the node's base URL)")
+    country = s.get("country", None, _country)
+    known = lookup_country(country) if country else None
+    continent = s.get("continent", known.continent if known else None, _continent)
+    latitude = s.get("latitude", None, _float(-90.0, 90.0))
+    longitude = s.get("longitude", None, _float(-180.0, 180.0))
+    if (latitude is None) != (longitude is None):
+        raise ConfigError(f"{key}: give both latitude and longitude, or neither")
+    if latitude is None and known is not None:
+        latitude, longitude = known.latitude, known.longitude
+    capacity = s.section("capacity", ("connections", "egress_mbps"))
+    serves = s.section("serves", ("countries", "continents", "asns"))
+    return NodeConfig(
+        id=node_id,
+        base_url=s.get("url", "", _http_url),
+        kind=s.get("kind", "mirror", _choice(get_args(NodeKind))),
+        country=country,
+        continent=continent,
+        latitude=latitude,
+        longitude=longitude,
+        asns=frozenset(s.get("asns", (), _each(_asn))),
+        weight=s.get("weight", 1.0, _float(0.001, 1_000_000.0)),
+        capacity=Capacity(
+            connections=capacity.get("connections", None, _int(1, 10_000_000)),
+            egress_mbps=capacity.get("egress_mbps", None, _float(0.001, 10_000_000.0)),
+        ),
+        serves=ServiceArea(
+            countries=frozenset(serves.get("countries", (), _each(_country))),
+            continents=frozenset(serves.get("continents", (), _each(_continent))),
+            asns=frozenset(serves.get("asns", (), _each(_asn))),
+        ),
+        url_template=s.get("url_template", DEFAULT_URL_TEMPLATE, _url_template),
+        enabled=s.get("enabled", True, _bool),
+    )
+
+
+def _nodes(value: object, key: str) -> tuple[NodeConfig, ...]:
+    nodes = _each(_node)(value, key)
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        if node.id in seen:
+            raise ConfigError(f"{key}[{i}].id: duplicate node id {node.id!r}")
+        seen.add(node.id)
+    return nodes
+
+
+_TOP_KEYS = (
+    "server", "client_ip", "geoip", "upstream", "routing", "responses", "redis", "nodes",
+)  # fmt: skip
+
+
+def config_from_mapping(data: object) -> GatewayConfig:
+    """Build a validated config from parsed YAML (``None`` gives the embedded defaults)."""
+    top = _Section(data, "", _TOP_KEYS)
+    config = GatewayConfig(
+        server=_server(
+            top.section("server", ("host", "port", "max_path_bytes", "max_header_bytes"))
+        ),
+        client_ip=_client_ip(
+            top.section(
+                "client_ip",
+                (
+                    "trusted_proxies",
+                    "forwarded_header",
+                    "cdn_client_ip_header",
+                    "cdn_country_header",
+                ),
+            )
+        ),
+        geoip=_geoip(top.section("geoip", ("city_db", "asn_db", "cache_size", "stale_after_days"))),
+        upstream=UpstreamConfig(
+            url=top.section("upstream", ("url",)).get("url", UpstreamConfig().url, _http_url)
+        ),
+        routing=_routing(top.section("routing", ("max_tier", "near_equal_km", "near_equal_ratio"))),
+        responses=_responses(top.section("responses", ("cache_mode", "max_age"))),
+        redis=_redis(top.section("redis", ("url",))),
+        nodes=top.get("nodes", (), _nodes),
+    )
+    if config.responses.cache_mode == "cdn-geo" and config.client_ip.cdn_country_header is None:
+        raise ConfigError(
+            "responses.cache_mode: 'cdn-geo' needs client_ip.cdn_country_header to be set, "
+            "because cached redirects may only vary on that header"
+        )
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
+    """Load a YAML file; ``None`` means the embedded defaults (no nodes, everything upstream)."""
+    if path is None:
+        return config_from_mapping(None)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{os.fspath(path)}: not valid YAML: {exc}") from None
+    return config_from_mapping(data)
+
+
+def resolve_config_path(flag_value: str | None) -> str | None:
+    """The ``--config`` flag wins over the environment variable."""
+    return flag_value or os.environ.get(CONFIG_ENV_VAR) or None

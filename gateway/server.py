@@ -1,0 +1,156 @@
+"""Serving: the aiohttp runner, JSON answers for requests the HTTP parser rejects, reloads.
+
+aiohttp answers unparsable requests (over-long lines, bad characters in the target) itself with
+a text page and logs a traceback. A public front door sees such requests all day, so they get
+the same JSON error body as everything else and a one-line debug log instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+from gateway.config import ConfigError, GatewayConfig
+from gateway.geo import GeoDataError
+from gateway.http import ROUTER, create_app, json_error
+from gateway.router import Router
+
+log = logging.getLogger("gateway.server")
+
+
+def _parser_error_code(exc: BaseException | None) -> str:
+    if isinstance(exc, LineTooLong):
+        return "line_too_long"
+    if isinstance(exc, BadHttpMethod):
+        return "bad_method"
+    if isinstance(exc, BadHttpMessage):
+        return "bad_request"
+    return "internal_error"
+
+
+def _parser_error_message(exc: BaseException | None) -> str:
+    if isinstance(exc, BadHttpMessage):
+        first_line = str(exc.message).strip().splitlines()[0] if exc.message else ""
+        return first_line.encode("ascii", "backslashreplace").decode("ascii")[:200]
+    return "the server could not handle this request"
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            # A real fault of ours: keep aiohttp's logging (with traceback) but not its body.
+            super().handle_error(request, status, exc, message)
+        else:
+            log.debug("rejected malformed request from %s: %s", request.remote, exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error body")
+        response = json_error(status, _parser_error_code(exc), _parser_error_message(exc))
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(Server):
+    def __init__(self, base: Server, **handler_kwargs: Any) -> None:
+        super().__init__(
+            base.request_handler, request_factory=base.request_factory, **handler_kwargs
+        )
+        self._handler_kwargs = {
+            k: v for k, v in handler_kwargs.items() if k != "handler_cancellation"
+        }
+
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorRequestHandler(
+            self, loop=asyncio.get_running_loop(), **self._handler_kwargs
+        )
+
+
+class GatewayRunner(web.AppRunner):
+    """An ``AppRunner`` whose connections answer parser-level errors with JSON."""
+
+    def __init__(self, app: web.Application, **handler_kwargs: Any) -> None:
+        super().__init__(app, **handler_kwargs)
+        self._handler_kwargs = handler_kwargs
+
+    async def _make_server(self) -> Server:
+        base = await super()._make_server()
+        return _JsonErrorServer(base, **self._handler_kwargs)
+
+
+def handler_limits(config: GatewayConfig) -> dict[str, int]:
+    """Parser limits: generous enough that our own JSON 414 for long paths is reachable."""
+    server = config.server
+    return {
+        "max_field_size": server.max_header_bytes,
+        "max_line_size": max(server.max_header_bytes, 2 * server.max_path_bytes),
+    }
+
+
+def build_router(config: GatewayConfig) -> tuple[Router, tuple[str, ...]]:
+    """A router for ``config`` and the warnings to log (GeoIP staleness, missing ASN data)."""
+    from gateway.geo import MaxMindLocator
+
+    locator = MaxMindLocator(config.geoip)
+    return Router(config, locator), locator.warnings
+
+
+def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:
+    cell = app[ROUTER]
+    try:
+        config = load()
+        router, warnings = build_router(config)
+    except (ConfigError, GeoDataError) as exc:
+        log.error("reload refused, keeping the running config: %s", exc)
+        return
+    for warning in warnings:
+        log.warning("%s", warning)
+    if config.server != cell.router.config.server:
+        log.warning("server.* settings changed; they take effect after a restart")
+    old = cell.router
+    cell.router = router
+    old.locator.close()
+    log.info("config reloaded: %d nodes", len(config.nodes))
+
+
+async def serve(
+    config: GatewayConfig,
+    router: Router,
+    load_config: Callable[[], GatewayConfig],
+    *,
+    host: str,
+    port: int,
+) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config."""
+    app = create_app(router)
+    runner = GatewayRunner(
+        app, access_log=None, handler_cancellation=True, **handler_limits(config)
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("serving on %s:%d with %d nodes", host, port, len(config.nodes))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app, load_config)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+        app[ROUTER].router.locator.close()

@@ -1,0 +1,30 @@
+"""Redirect targets: absolute URLs built only from a configured base and a validated file path.
+
+The template was checked at config load to start with ``{base}/`` and to use only known
+placeholders, and every value filled in is percent-encoded by ``FileRef``, so no client input
+can move a redirect off the configured node or upstream.
+"""
+
+from __future__ import annotations
+
+from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
+from gateway.hfpath import FileRef
+
+
+def fill_template(template: str, base: str, ref: FileRef) -> str:
+    return template.format(
+        base=base,
+        type_prefix=ref.type_prefix,
+        repo_type=ref.repo_type,
+        repo=ref.repo_id,
+        revision=ref.revision_encoded,
+        path=ref.filename_encoded,
+    )
+
+
+def node_url(node: NodeConfig, ref: FileRef) -> str:
+    return fill_template(node.url_template, node.base_url, ref)
+
+
+def upstream_url(upstream_base: str, ref: FileRef) -> str:
+    return fill_template(DEFAULT_URL_TEMPLATE, upstream_base, ref)

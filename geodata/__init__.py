@@ -1,0 +1,1 @@
+"""Country table and GeoIP database tooling shipped alongside the gateway."""

@@ -1,0 +1,300 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.config import GatewayConfig, GeoIPConfig, config_from_mapping
+from gateway.geo import MaxMindLocator
+from gateway.http import create_app
+from gateway.router import Router
+from gateway.server import GatewayRunner, handler_limits
+
+BEIJING_IP = "1.2.3.4"
+US_IP = "3.3.3.3"
+TOKYO_IP = "6.6.6.6"
+HONG_KONG_IP = "7.7.7.7"
+
+NODES = [
+    {
+        "id": "bj",
+        "url": "https://bj.mirror.test",
+        "country": "CN",
+        "latitude": 39.9,
+        "longitude": 116.4,
+        "asns": [4134],
+        "serves": {"countries": ["CN"]},
+    },
+    {
+        "id": "tk",
+        "url": "http://tk.mirror.test:8080/base",
+        "country": "JP",
+        "serves": {"countries": ["JP"]},
+        "url_template": "{base}/hf/{repo_type}/{repo}/{revision}/{path}",
+    },
+]
+
+MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+class GatewayTestServer(TestServer):
+    """A test server running the production runner, so parser-level errors behave as served."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
+def gateway_config(geoip: GeoIPConfig, **sections: Any) -> GatewayConfig:
+    base = config_from_mapping({"nodes": NODES, **sections})
+    return GatewayConfig(
+        server=base.server,
+        client_ip=base.client_ip,
+        geoip=geoip,
+        upstream=base.upstream,
+        routing=base.routing,
+        responses=base.responses,
+        redis=base.redis,
+        nodes=base.nodes,
+    )
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    geoip_config: GeoIPConfig,
+) -> MakeClient:
+    async def make(**sections: Any) -> TestClient[web.Request, web.Application]:
+        config = gateway_config(geoip_config, **sections)
+        router = Router(config, MaxMindLocator(config.geoip), random.Random(1))
+        server = GatewayTestServer(create_app(router))
+        return await aiohttp_client(server, server_kwargs=handler_limits(config))
+
+    return make
+
+
+async def get(
+    client: TestClient[web.Request, web.Application],
+    path: str,
+    method: str = "GET",
+    **headers: str,
+) -> tuple[int, Any, Any]:
+    response = await client.request(method, path, headers=headers, allow_redirects=False)
+    body = await response.read()
+    payload = json.loads(body) if body and method != "HEAD" else None
+    return response.status, response.headers, payload
+
+
+async def test_beijing_client_behind_trusted_proxy_goes_to_domestic_node(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    status, headers, _ = await get(
+        client, "/Qwen/Qwen2-7B/resolve/main/config.json", **{"X-Forwarded-For": BEIJING_IP}
+    )
+    assert status == 302
+    assert headers["Location"] == "https://bj.mirror.test/Qwen/Qwen2-7B/resolve/main/config.json"
+    assert headers["Cache-Control"] == "private, no-store"
+    assert headers["X-Mirror-Node"] == "bj"
+    assert "Vary" not in headers
+
+
+async def test_us_client_goes_upstream(make_client: MakeClient) -> None:
+    client = await make_client()
+    for method in ("GET", "HEAD"):
+        status, headers, _ = await get(
+            client, "/gpt2/resolve/main/config.json", method, **{"X-Forwarded-For": US_IP}
+        )
+        assert status == 302
+        assert headers["Location"] == "https://huggingface.co/gpt2/resolve/main/config.json"
+        assert headers["X-Mirror-Node"] == "upstream"
+
+
+async def test_hong_kong_is_not_served_by_mainland_node(make_client: MakeClient) -> None:
+    client = await make_client()
+    _, headers, _ = await get(client, "/a/b/resolve/main/f", **{"X-Forwarded-For": HONG_KONG_IP})
+    assert headers["Location"].startswith("https://huggingface.co/")
+
+
+async def test_untrusted_peer_cannot_spoof_its_location(make_client: MakeClient) -> None:
+    client = await make_client(client_ip={"trusted_proxies": ["10.0.0.0/8"]})
+    status, headers, _ = await get(client, "/a/b/resolve/main/f", **{"X-Forwarded-For": BEIJING_IP})
+    assert status == 302
+    assert headers["X-Mirror-Node"] == "upstream"
+
+
+URL_CASES = [
+    (
+        "dataset-pr-ref",
+        "/datasets/org/data/resolve/refs%2Fpr%2F1/train/part%200.parquet",
+        "https://bj.mirror.test/datasets/org/data/resolve/refs%2Fpr%2F1/train/part%200.parquet",
+    ),
+    (
+        "space-commit",
+        "/spaces/org/app/resolve/0123456789abcdef0123456789abcdef01234567/app.py",
+        "https://bj.mirror.test/spaces/org/app/resolve/0123456789abcdef0123456789abcdef01234567/app.py",
+    ),
+    (
+        "legacy-unicode-and-specials",
+        "/gpt2/resolve/main/%E4%B8%AD%E6%96%87/a%20b%23c%3F.json",
+        "https://bj.mirror.test/gpt2/resolve/main/%E4%B8%AD%E6%96%87/a%20b%23c%3F.json",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "location"), [c[1:] for c in URL_CASES], ids=[c[0] for c in URL_CASES]
+)
+async def test_location_keeps_hf_encoding(
+    make_client: MakeClient, path: str, location: str
+) -> None:
+    client = await make_client()
+    status, headers, _ = await get(client, path, **{"X-Forwarded-For": BEIJING_IP})
+    assert status == 302
+    assert headers["Location"] == location
+
+
+async def test_node_url_template(make_client: MakeClient) -> None:
+    client = await make_client()
+    _, headers, _ = await get(
+        client, "/datasets/o/d/resolve/v1.0/x.bin", **{"X-Forwarded-For": TOKYO_IP}
+    )
+    assert headers["Location"] == "http://tk.mirror.test:8080/base/hf/dataset/o/d/v1.0/x.bin"
+
+
+async def test_query_string_never_reaches_location(make_client: MakeClient) -> None:
+    client = await make_client()
+    _, headers, _ = await get(
+        client, "/a/b/resolve/main/f?next=https://evil.test/", **{"X-Forwarded-For": US_IP}
+    )
+    assert headers["Location"] == "https://huggingface.co/a/b/resolve/main/f"
+
+
+async def raw_exchange(host: str, port: int, request: bytes) -> tuple[int, bytes, dict[str, str]]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), body, {k.lower(): v for k, v in headers.items()}
+
+
+BAD_PATHS = [
+    ("dotdot", "/a/b/resolve/main/../../etc/passwd", 400, "path_traversal"),
+    ("encoded-dotdot", "/a/b/resolve/main/%2e%2e/%2E%2E/x", 400, "path_traversal"),
+    ("nul", "/a/b/resolve/main/x%00y", 400, "control_character"),
+    ("crlf", "/a/b/resolve/main/x%0d%0aSet-Cookie:%20a=b", 400, "control_character"),
+    ("bad-percent", "/a/b/resolve/main/x%ZZ", 400, "invalid_percent_encoding"),
+    ("bad-utf8", "/a/b/resolve/main/x%C3%28", 400, "invalid_utf8"),
+    ("bad-repo", "/a--b/c/resolve/main/x", 400, "invalid_repo_id"),
+    ("too-long", "/a/b/resolve/main/" + "x" * 5000, 414, "path_too_long"),
+    ("not-resolve", "/a/b/blob/main/x", 404, "not_found"),
+    ("root", "/", 404, "not_found"),
+    ("double-slash-host", "//evil.test/x", 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"), [c[1:] for c in BAD_PATHS], ids=[c[0] for c in BAD_PATHS]
+)
+async def test_bad_paths_get_json_errors(
+    make_client: MakeClient, path: str, status: int, code: str
+) -> None:
+    client = await make_client()
+    # A raw socket: HTTP client libraries normalise '..' before sending.
+    request = f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+    got_status, body, headers = await raw_exchange(client.host, client.port, request)
+    assert got_status == status
+    assert headers["content-type"].startswith("application/json")
+    assert "location" not in headers
+    payload = json.loads(body)
+    assert payload["error"] == code
+    assert payload["message"]
+
+
+async def test_methods_other_than_get_and_head(make_client: MakeClient) -> None:
+    client = await make_client()
+    for path in ("/a/b/resolve/main/f", "/healthz", "/readyz"):
+        status, headers, payload = await get(client, path, "POST")
+        assert status == 405
+        assert headers["Allow"] == "GET, HEAD"
+        assert payload["error"] == "method_not_allowed"
+
+
+async def test_health_and_readiness(make_client: MakeClient) -> None:
+    client = await make_client()
+    status, _, payload = await get(client, "/healthz")
+    assert (status, payload) == (200, {"status": "ok"})
+    status, _, payload = await get(client, "/readyz")
+    assert status == 200
+    assert payload["status"] == "ready"
+    assert payload["nodes"] == 2
+
+
+CDN = {"cdn_country_header": "cf-ipcountry", "cdn_client_ip_header": "cf-connecting-ip"}
+
+
+async def test_cdn_geo_mode_makes_redirects_cacheable_per_country(make_client: MakeClient) -> None:
+    client = await make_client(client_ip=CDN, responses={"cache_mode": "cdn-geo", "max_age": 30})
+    _, headers, _ = await get(client, "/a/b/resolve/main/f", **{"CF-IPCountry": "CN"})
+    assert headers["Location"].startswith("https://bj.mirror.test/")
+    assert headers["Cache-Control"] == "public, max-age=30"
+    assert headers["Vary"] == "cf-ipcountry"
+    # Without the CDN's answer the route depends on the IP: never shared.
+    _, headers, _ = await get(client, "/a/b/resolve/main/f", **{"X-Forwarded-For": BEIJING_IP})
+    assert headers["Location"].startswith("https://bj.mirror.test/")
+    assert headers["Cache-Control"] == "private, no-store"
+    assert "Vary" not in headers
+
+
+async def test_cdn_headers_in_private_mode(make_client: MakeClient) -> None:
+    client = await make_client(client_ip=CDN)
+    # The CDN's client IP wins over X-Forwarded-For from a trusted peer.
+    _, headers, _ = await get(
+        client, "/a/b/resolve/main/f", **{"CF-Connecting-IP": BEIJING_IP, "X-Forwarded-For": US_IP}
+    )
+    assert headers["X-Mirror-Node"] == "bj"
+    # The CDN's country wins over the GeoIP country.
+    _, headers, _ = await get(
+        client, "/a/b/resolve/main/f", **{"X-Forwarded-For": US_IP, "CF-IPCountry": "jp"}
+    )
+    assert headers["X-Mirror-Node"] == "tk"
+    assert headers["Cache-Control"] == "private, no-store"
+
+
+PARSER_REJECTS = [
+    (
+        "huge-request-line",
+        b"GET /a/b/resolve/main/" + b"x" * 20000 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+    ),
+    (
+        "huge-header",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: " + b"1" * 20000 + b"\r\n\r\n",
+    ),
+    ("raw-utf8-target", "GET /a/b/resolve/main/é HTTP/1.1\r\nHost: t\r\n\r\n".encode()),
+    ("bad-method", b"G(ET / HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("header-without-colon", b"GET / HTTP/1.1\r\nHost: t\r\nbroken header\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize(
+    "request_bytes", [c[1] for c in PARSER_REJECTS], ids=[c[0] for c in PARSER_REJECTS]
+)
+async def test_requests_the_parser_rejects_get_json(
+    make_client: MakeClient, request_bytes: bytes
+) -> None:
+    client = await make_client()
+    status, body, headers = await raw_exchange(client.host, client.port, request_bytes)
+    assert 400 <= status < 500
+    assert headers["content-type"].startswith("application/json")
+    payload = json.loads(body)
+    assert payload["error"] in {"line_too_long", "bad_request", "bad_method"}
+    assert "Traceback" not in payload["message"]

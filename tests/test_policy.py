@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import NodeConfig, RoutingConfig, ServiceArea
+from gateway.geo import UNKNOWN_LOCATION, Location
+from gateway.policy import Tier, choose, decide, distance_km, filter_nodes
+from gateway.state import NO_LIVE_STATE, NodeStatus
+
+CN_ONLY = ServiceArea(countries=frozenset({"CN"}))
+
+BEIJING = NodeConfig(
+    "bj", "https://bj.example", country="CN", continent="AS", latitude=39.9042,
+    longitude=116.4074, asns=frozenset({4134}), serves=CN_ONLY,
+)  # fmt: skip
+SHANGHAI = NodeConfig(
+    "sh", "https://sh.example", country="CN", continent="AS", latitude=31.2304,
+    longitude=121.4737, asns=frozenset({4837}), serves=CN_ONLY,
+)  # fmt: skip
+GUANGZHOU = NodeConfig(
+    "gz", "https://gz.example", kind="cache", country="CN", continent="AS", latitude=23.1291,
+    longitude=113.2644, serves=CN_ONLY,
+)  # fmt: skip
+TOKYO = NodeConfig(
+    "tokyo", "https://tk.example", country="JP", continent="AS", latitude=35.6762,
+    longitude=139.6503, serves=ServiceArea(continents=frozenset({"AS"})),
+)  # fmt: skip
+FRANKFURT = NodeConfig(
+    "fra", "https://fra.example", country="DE", continent="EU", latitude=50.1109, longitude=8.6821
+)
+SWITCHED_OFF = replace(FRANKFURT, id="off", enabled=False)
+NODES = (BEIJING, SHANGHAI, GUANGZHOU, TOKYO, FRANKFURT, SWITCHED_OFF)
+
+BEIJING_CLIENT = Location("CN", "AS", 39.9, 116.4, 4134)
+SHANGHAI_CLIENT = Location("CN", "AS", 31.2, 121.5, 4837)
+GUANGZHOU_CLIENT = Location("CN", "AS", 23.1, 113.3, 9808)
+TOKYO_CLIENT = Location("JP", "AS", 35.7, 139.7, 2516)
+HONG_KONG_CLIENT = Location("HK", "AS", 22.3, 114.2, 4760)
+US_CLIENT = Location("US", "NA", 39.0, -77.5, 14618)
+ANY = RoutingConfig()
+
+CASES = [
+    # (id, client, statuses, policy, expected node, expected reason)
+    ("beijing-same-asn", BEIJING_CLIENT, {}, ANY, "bj", "same_asn"),
+    ("shanghai-same-asn", SHANGHAI_CLIENT, {}, ANY, "sh", "same_asn"),
+    ("guangzhou-nearest-in-country", GUANGZHOU_CLIENT, {}, ANY, "gz", "same_country"),
+    ("tokyo-same-country", TOKYO_CLIENT, {}, ANY, "tokyo", "same_country"),
+    ("hong-kong-is-not-mainland", HONG_KONG_CLIENT, {}, ANY, "tokyo", "same_continent"),
+    ("us-nearest-anywhere", US_CLIENT, {}, ANY, "fra", "nearest"),
+    (
+        "us-max-tier-continent",
+        US_CLIENT,
+        {},
+        RoutingConfig(max_tier="continent"),
+        None,
+        "no_eligible_node",
+    ),
+    ("unknown-client-open-node", UNKNOWN_LOCATION, {}, ANY, "fra", "nearest"),
+    (
+        "beijing-asn-node-down",
+        BEIJING_CLIENT,
+        {"bj": NodeStatus(up=False, down_reason="timeout")},
+        ANY,
+        "sh",
+        "same_country",
+    ),
+    (
+        "beijing-draining",
+        BEIJING_CLIENT,
+        {"bj": NodeStatus(draining=True)},
+        ANY,
+        "sh",
+        "same_country",
+    ),
+    (
+        "all-cn-nodes-out",
+        BEIJING_CLIENT,
+        {n: NodeStatus(up=False) for n in ("bj", "sh", "gz")},
+        ANY,
+        "tokyo",
+        "same_continent",
+    ),
+    (
+        "everything-out",
+        US_CLIENT,
+        {"fra": NodeStatus(disabled=True)},
+        ANY,
+        None,
+        "no_eligible_node",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("client", "statuses", "policy", "node_id", "reason"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_decision_table(
+    client: Location,
+    statuses: dict[str, NodeStatus],
+    policy: RoutingConfig,
+    node_id: str | None,
+    reason: str,
+) -> None:
+    decision = decide(NODES, client, statuses, policy, random.Random(7))
+    assert (decision.node.id if decision.node else None) == node_id
+    assert decision.reason == reason
+
+
+EXCLUSION_CASES = [
+    ("config-disabled", US_CLIENT, {}, ANY, "off", "disabled", "enabled: false"),
+    ("outside-area", US_CLIENT, {}, ANY, "bj", "outside_service_area", "client in US"),
+    (
+        "unknown-location",
+        UNKNOWN_LOCATION,
+        {},
+        ANY,
+        "bj",
+        "outside_service_area",
+        "location unknown",
+    ),
+    (
+        "down-with-reason",
+        BEIJING_CLIENT,
+        {"bj": NodeStatus(up=False, down_reason="status 503")},
+        ANY,
+        "bj",
+        "down",
+        "status 503",
+    ),
+    ("draining", BEIJING_CLIENT, {"bj": NodeStatus(draining=True)}, ANY, "bj", "draining", "new"),
+    (
+        "admin-disabled",
+        BEIJING_CLIENT,
+        {"sh": NodeStatus(disabled=True)},
+        ANY,
+        "sh",
+        "admin_disabled",
+        "operator",
+    ),
+    (
+        "beyond-max-tier",
+        US_CLIENT,
+        {},
+        RoutingConfig(max_tier="country"),
+        "fra",
+        "beyond_max_tier",
+        "closest match is any, policy allows up to country",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("client", "statuses", "policy", "node_id", "reason", "detail"),
+    [c[1:] for c in EXCLUSION_CASES],
+    ids=[c[0] for c in EXCLUSION_CASES],
+)
+def test_every_exclusion_carries_a_reason(
+    client: Location,
+    statuses: dict[str, NodeStatus],
+    policy: RoutingConfig,
+    node_id: str,
+    reason: str,
+    detail: str,
+) -> None:
+    _, excluded = filter_nodes(NODES, client, statuses, policy)
+    by_node = {e.node.id: e for e in excluded}
+    assert by_node[node_id].reason == reason
+    assert detail in by_node[node_id].detail
+
+
+def test_candidates_sorted_by_tier_then_distance() -> None:
+    accepted, _ = filter_nodes(NODES, GUANGZHOU_CLIENT, NO_LIVE_STATE, ANY)
+    assert [(c.node.id, c.tier) for c in accepted] == [
+        ("gz", Tier.COUNTRY),
+        ("sh", Tier.COUNTRY),
+        ("bj", Tier.COUNTRY),
+        ("tokyo", Tier.CONTINENT),
+        ("fra", Tier.ANY),
+    ]
+    assert accepted[0].distance_km is not None and accepted[0].distance_km < 20
+
+
+def test_weights_share_traffic_among_near_equals() -> None:
+    heavy = replace(BEIJING, id="heavy", weight=3.0, asns=frozenset())
+    light = replace(BEIJING, id="light", weight=1.0, asns=frozenset(), latitude=39.95)
+    far = replace(SHANGHAI, id="far", asns=frozenset())
+    accepted, _ = filter_nodes((heavy, light, far), BEIJING_CLIENT, NO_LIVE_STATE, ANY)
+    rng = random.Random(42)
+    picks: Counter[str] = Counter()
+    for _ in range(4000):
+        chosen = choose(accepted, ANY, rng)
+        assert chosen is not None
+        picks[chosen.node.id] += 1
+    assert picks["far"] == 0
+    assert 0.71 < picks["heavy"] / 4000 < 0.79
+
+
+def test_same_seed_same_choice() -> None:
+    twins = [replace(FRANKFURT, id=f"fra{i}") for i in range(5)]
+    first = [decide(twins, US_CLIENT, {}, ANY, random.Random(3)).node for _ in range(3)]
+    assert len({n.id for n in first if n}) == 1
+
+
+def test_distance_km_known_pairs() -> None:
+    assert distance_km(0, 0, 0, 0) == 0
+    assert distance_km(39.9042, 116.4074, 31.2304, 121.4737) == pytest.approx(1067, rel=0.01)
+    assert distance_km(0, 0, 0, 180) == pytest.approx(20015, rel=0.001)
+
+
+countries = st.sampled_from(["CN", "JP", "HK", "US", "DE", None])
+locations = st.builds(
+    Location,
+    country=countries,
+    continent=st.sampled_from(["AS", "NA", "EU", None]),
+    latitude=st.one_of(st.none(), st.floats(-90, 90)),
+    longitude=st.one_of(st.none(), st.floats(-180, 180)),
+    asn=st.one_of(st.none(), st.sampled_from([4134, 4837, 9808, 2516, 1])),
+)
+statuses = st.dictionaries(
+    st.sampled_from([n.id for n in NODES]),
+    st.builds(NodeStatus, up=st.booleans(), draining=st.booleans(), disabled=st.booleans()),
+)
+
+
+@given(
+    client=locations,
+    live=statuses,
+    max_tier=st.sampled_from(["asn", "country", "continent", "any"]),
+    seed=st.integers(0, 2**32),
+)
+def test_decision_properties(
+    client: Location, live: dict[str, NodeStatus], max_tier: str, seed: int
+) -> None:
+    policy = RoutingConfig(max_tier=max_tier)  # type: ignore[arg-type]
+    decision = decide(NODES, client, live, policy, random.Random(seed))
+    accounted = [c.node.id for c in decision.candidates] + [e.node.id for e in decision.excluded]
+    assert sorted(accounted) == sorted(n.id for n in NODES)
+    if decision.node is None:
+        assert decision.candidates == ()
+        return
+    status = live.get(decision.node.id, NodeStatus())
+    assert decision.node.enabled and status.up and not status.draining and not status.disabled
+    assert decision.candidates[0].tier == min(c.tier for c in decision.candidates)
+    chosen = next(c for c in decision.candidates if c.node == decision.node)
+    assert chosen.tier == decision.candidates[0].tier
+    area = decision.node.serves
+    assert (
+        area.everywhere or client.country in area.countries or client.continent in area.continents
+    )
