@@ -114,6 +114,7 @@ def parse_resolve_path(raw_path: str, max_bytes: int = 4096) -> FileRef | None:
         start = 2
 
     count = len(segments) - start
+    # The `ns/name` reading wins; only a legacy repo at revision `resolve` is misread by it.
     if count >= 5 and segments[start + 2] == "resolve":
         repo_end = start + 2
     elif count >= 4 and segments[start + 1] == "resolve":
@@ -139,7 +140,11 @@ def parse_resolve_path(raw_path: str, max_bytes: int = 4096) -> FileRef | None:
 
 
 def resolve_path_for(ref: FileRef) -> str:
-    """The canonical raw resolve path of ``ref``; parsing it yields ``ref`` again."""
+    """The canonical raw resolve path of ``ref``; parsing it yields ``ref`` again.
+
+    The one exception is a legacy repo at revision ``resolve`` with a nested filename, which the
+    grammar cannot tell apart from an ``ns/name`` repo.
+    """
     return f"/{ref.type_prefix}{ref.repo_id}/resolve/{ref.revision_encoded}/{ref.filename_encoded}"
 
 

@@ -134,6 +134,11 @@ VALID = [
         id="repo-named-resolve",
     ),
     pytest.param(
+        "/gpt2/resolve/resolve/a/b",
+        FileRef("model", "gpt2/resolve", "a", "b"),
+        id="ns-name-reading-wins-over-legacy",
+    ),
+    pytest.param(
         "/ns/name/re%73olve/main/f",
         FileRef("model", "ns/name", "main", "f"),
         id="encoded-unreserved-in-keyword",
@@ -486,7 +491,7 @@ _RAW_PATHS = st.one_of(
 @given(raw=_RAW_PATHS)
 def test_arbitrary_paths_only_raise_path_error(raw: str) -> None:
     try:
-        ref = parse_resolve_path(raw, max_bytes=80)
+        ref = parse_resolve_path(raw, max_bytes=160)
     except PathError as exc:
         assert exc.code in get_args(PathErrorCode)
         assert exc.status == (414 if exc.code == "path_too_long" else 400)
