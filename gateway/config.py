@@ -10,7 +10,7 @@ import ipaddress
 import os
 import string
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -20,11 +20,15 @@ import yaml
 from gateway.countries import CONTINENTS, lookup_country
 
 CONFIG_ENV_VAR = "MIRROR_GATEWAY_CONFIG"
+VANTAGE_ENV_VAR = "MIRROR_GATEWAY_VANTAGE"
+ADMIN_TOKEN_ENV_VAR = "MIRROR_GATEWAY_ADMIN_TOKEN"
 
 NodeKind = Literal["mirror", "cache", "third_party"]
 ForwardedHeader = Literal["x-forwarded-for", "forwarded", "none"]
 CacheMode = Literal["private", "cdn-geo"]
 TierName = Literal["asn", "country", "continent", "any"]
+ProbeMethod = Literal["GET", "HEAD"]
+LoadFormat = Literal["json", "prometheus"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TIER_ORDER: tuple[TierName, ...] = get_args(TierName)
@@ -82,6 +86,13 @@ class RoutingConfig:
     #: Nodes whose distance is within this band of the closest one count as equally good.
     near_equal_km: float = 100.0
     near_equal_ratio: float = 0.25
+    #: Probe latency enters the score as distance: each millisecond counts as this many km.
+    km_per_latency_ms: float = 10.0
+    #: A node at full capacity scores this many km worse than an idle one (linear in load).
+    load_penalty_km: float = 2000.0
+    #: Bounded-load rendezvous for cache nodes: no cache takes more than this factor times the
+    #: mean share of recent redirects among the near-equal caches.
+    cache_load_bound: float = 1.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +105,54 @@ class ResponsesConfig:
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None = None
+    key_prefix: str = "mg:"
+    connect_timeout_s: float = 1.0
+    #: Every Redis command gives up after this long; the gateway then runs on its snapshot.
+    command_timeout_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSpec:
+    #: Path below the node's base URL; a node that answers it as expected is up.
+    path: str = "/"
+    method: ProbeMethod = "GET"
+    #: Redirects are not followed: a node that redirects is alive.
+    expect_status: frozenset[int] = frozenset({200, 204, 301, 302, 303, 307, 308})
+    #: With GET: the body must have exactly this many bytes (a known small file).
+    expect_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbingConfig:
+    enabled: bool = True
+    interval_s: float = 5.0
+    connect_timeout_s: float = 2.0
+    timeout_s: float = 5.0
+    #: Consecutive failed probes before a node is marked down.
+    fall: int = 3
+    #: Consecutive good probes before a down (or new) node is marked up.
+    rise: int = 2
+    concurrency: int = 32
+    latency_ewma_alpha: float = 0.3
+    #: Where this instance probes from; instances with the same vantage share one prober.
+    vantage: str = "default"
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    #: Full re-read of shared state, on top of change notifications.
+    resync_s: float = 10.0
+    #: Redirect counts are summed per window to estimate load of nodes that publish none.
+    redirect_window_s: float = 10.0
+    #: Mean download duration assumed when turning a redirect rate into concurrent downloads.
+    estimated_download_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    #: Bearer token for the admin HTTP API; unset keeps the API off.
+    token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +187,11 @@ class NodeConfig:
     serves: ServiceArea = field(default_factory=ServiceArea)
     url_template: str = DEFAULT_URL_TEMPLATE
     enabled: bool = True
+    #: Overrides ``probing.probe`` for this node.
+    probe: ProbeSpec | None = None
+    #: Where the node publishes its load (absolute URL); see README "Node load".
+    load_url: str | None = None
+    load_format: LoadFormat = "json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +203,9 @@ class GatewayConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    probing: ProbingConfig = field(default_factory=ProbingConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     nodes: tuple[NodeConfig, ...] = ()
 
 
@@ -181,6 +248,11 @@ class _Section:
 
     def section(self, name: str, allowed: Iterable[str]) -> _Section:
         return _Section(self._data.get(name), self.key(name), allowed)
+
+
+def _keys(cls: type) -> tuple[str, ...]:
+    """YAML keys of a section whose keys are its dataclass's field names."""
+    return tuple(f.name for f in fields(cls))
 
 
 def _show(value: object) -> str:
@@ -363,6 +435,9 @@ def _routing(s: _Section) -> RoutingConfig:
         max_tier=s.get("max_tier", d.max_tier, _choice(TIER_ORDER)),
         near_equal_km=s.get("near_equal_km", d.near_equal_km, _float(0.0, 20_000.0)),
         near_equal_ratio=s.get("near_equal_ratio", d.near_equal_ratio, _float(0.0, 10.0)),
+        km_per_latency_ms=s.get("km_per_latency_ms", d.km_per_latency_ms, _float(0.0, 10_000.0)),
+        load_penalty_km=s.get("load_penalty_km", d.load_penalty_km, _float(0.0, 100_000.0)),
+        cache_load_bound=s.get("cache_load_bound", d.cache_load_bound, _float(1.0, 100.0)),
     )
 
 
@@ -375,19 +450,91 @@ def _responses(s: _Section) -> ResponsesConfig:
 
 
 def _redis(s: _Section) -> RedisConfig:
+    d = RedisConfig()
     url = s.get("url", None, _str)
     if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"redis.url: {_show(url)} must be a redis://, rediss:// or unix:// URL")
-    return RedisConfig(url=url)
+    return RedisConfig(
+        url=url,
+        key_prefix=s.get("key_prefix", d.key_prefix, _str),
+        connect_timeout_s=s.get("connect_timeout_s", d.connect_timeout_s, _float(0.01, 60.0)),
+        command_timeout_s=s.get("command_timeout_s", d.command_timeout_s, _float(0.01, 60.0)),
+    )
+
+
+def _status_code(value: object, key: str) -> int:
+    return _int(100, 599)(value, key)
+
+
+def _probe_spec(s: _Section, default: ProbeSpec) -> ProbeSpec:
+    path = s.get("path", default.path, _str)
+    if not path.startswith("/") or any(c in path for c in "\r\n #"):
+        raise ConfigError(f"{s.key('path')}: {_show(path)} must be a path starting with '/'")
+    return ProbeSpec(
+        path=path,
+        method=s.get("method", default.method, _choice(get_args(ProbeMethod))),
+        expect_status=frozenset(s.get("expect_status", default.expect_status, _each(_status_code))),
+        expect_bytes=s.get("expect_bytes", default.expect_bytes, _int(0, 2**40)),
+    )
+
+
+def _probing(s: _Section) -> ProbingConfig:
+    d = ProbingConfig()
+    config = ProbingConfig(
+        enabled=s.get("enabled", d.enabled, _bool),
+        interval_s=s.get("interval_s", d.interval_s, _float(0.05, 3600.0)),
+        connect_timeout_s=s.get("connect_timeout_s", d.connect_timeout_s, _float(0.01, 60.0)),
+        timeout_s=s.get("timeout_s", d.timeout_s, _float(0.01, 300.0)),
+        fall=s.get("fall", d.fall, _int(1, 100)),
+        rise=s.get("rise", d.rise, _int(1, 100)),
+        concurrency=s.get("concurrency", d.concurrency, _int(1, 10_000)),
+        latency_ewma_alpha=s.get("latency_ewma_alpha", d.latency_ewma_alpha, _float(0.01, 1.0)),
+        vantage=s.get("vantage", os.environ.get(VANTAGE_ENV_VAR) or d.vantage, _vantage),
+        probe=_probe_spec(s.section("probe", _keys(ProbeSpec)), d.probe),
+    )
+    if config.connect_timeout_s > config.timeout_s:
+        raise ConfigError(
+            f"{s.key('connect_timeout_s')}: {config.connect_timeout_s} exceeds "
+            f"{s.key('timeout_s')} ({config.timeout_s})"
+        )
+    return config
+
+
+def _vantage(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not set(text) <= set(string.ascii_letters + string.digits + "-_."):
+        raise ConfigError(f"{key}: {_show(value)} may use only letters, digits, - _ .")
+    return text
+
+
+def _state(s: _Section) -> StateConfig:
+    d = StateConfig()
+    return StateConfig(
+        resync_s=s.get("resync_s", d.resync_s, _float(0.1, 3600.0)),
+        redirect_window_s=s.get("redirect_window_s", d.redirect_window_s, _float(1.0, 3600.0)),
+        estimated_download_s=s.get(
+            "estimated_download_s", d.estimated_download_s, _float(0.1, 86400.0)
+        ),
+    )
+
+
+def _admin(s: _Section) -> AdminConfig:
+    token = s.get("token", os.environ.get(ADMIN_TOKEN_ENV_VAR) or None, _str)
+    if token is not None and len(token) < 16:
+        raise ConfigError(
+            f"{s.key('token')}: too short ({len(token)} characters); use at least 16 "
+            f"(or set {ADMIN_TOKEN_ENV_VAR})"
+        )
+    return AdminConfig(token=token)
 
 
 _NODE_KEYS = (
     "id", "url", "kind", "country", "continent", "latitude", "longitude", "asns", "weight",
-    "capacity", "serves", "url_template", "enabled",
+    "capacity", "serves", "url_template", "enabled", "probe", "load_url", "load_format",
 )  # fmt: skip
 
 
-def _node(value: object, key: str) -> NodeConfig:
+def _node(value: object, key: str, default_probe: ProbeSpec) -> NodeConfig:
     s = _Section(value, key, _NODE_KEYS)
     node_id = s.get("id", "", _str)
     if not node_id:
@@ -405,8 +552,8 @@ def _node(value: object, key: str) -> NodeConfig:
         raise ConfigError(f"{key}: give both latitude and longitude, or neither")
     if latitude is None and known is not None:
         latitude, longitude = known.latitude, known.longitude
-    capacity = s.section("capacity", ("connections", "egress_mbps"))
-    serves = s.section("serves", ("countries", "continents", "asns"))
+    capacity = s.section("capacity", _keys(Capacity))
+    serves = s.section("serves", _keys(ServiceArea))
     return NodeConfig(
         id=node_id,
         base_url=s.get("url", "", _http_url),
@@ -428,11 +575,18 @@ def _node(value: object, key: str) -> NodeConfig:
         ),
         url_template=s.get("url_template", DEFAULT_URL_TEMPLATE, _url_template),
         enabled=s.get("enabled", True, _bool),
+        probe=_probe_spec(s.section("probe", _keys(ProbeSpec)), default_probe)
+        if s.has("probe")
+        else None,
+        load_url=s.get("load_url", None, _http_url),
+        load_format=s.get("load_format", "json", _choice(get_args(LoadFormat))),
     )
 
 
-def _nodes(value: object, key: str) -> tuple[NodeConfig, ...]:
-    nodes = _each(_node)(value, key)
+def _nodes(value: object, key: str, default_probe: ProbeSpec) -> tuple[NodeConfig, ...]:
+    nodes = tuple(
+        _node(item, f"{key}[{i}]", default_probe) for i, item in enumerate(_list(value, key))
+    )
     seen: set[str] = set()
     for i, node in enumerate(nodes):
         if node.id in seen:
@@ -441,37 +595,26 @@ def _nodes(value: object, key: str) -> tuple[NodeConfig, ...]:
     return nodes
 
 
-_TOP_KEYS = (
-    "server", "client_ip", "geoip", "upstream", "routing", "responses", "redis", "nodes",
-)  # fmt: skip
-
-
 def config_from_mapping(data: object) -> GatewayConfig:
     """Build a validated config from parsed YAML (``None`` gives the embedded defaults)."""
-    top = _Section(data, "", _TOP_KEYS)
+    top = _Section(data, "", _keys(GatewayConfig))
+    probing = _probing(top.section("probing", _keys(ProbingConfig)))
     config = GatewayConfig(
-        server=_server(
-            top.section("server", ("host", "port", "max_path_bytes", "max_header_bytes"))
-        ),
-        client_ip=_client_ip(
-            top.section(
-                "client_ip",
-                (
-                    "trusted_proxies",
-                    "forwarded_header",
-                    "cdn_client_ip_header",
-                    "cdn_country_header",
-                ),
+        server=_server(top.section("server", _keys(ServerConfig))),
+        client_ip=_client_ip(top.section("client_ip", _keys(ClientIPConfig))),
+        geoip=_geoip(top.section("geoip", _keys(GeoIPConfig))),
+        upstream=UpstreamConfig(
+            url=top.section("upstream", _keys(UpstreamConfig)).get(
+                "url", UpstreamConfig().url, _http_url
             )
         ),
-        geoip=_geoip(top.section("geoip", ("city_db", "asn_db", "cache_size", "stale_after_days"))),
-        upstream=UpstreamConfig(
-            url=top.section("upstream", ("url",)).get("url", UpstreamConfig().url, _http_url)
-        ),
-        routing=_routing(top.section("routing", ("max_tier", "near_equal_km", "near_equal_ratio"))),
-        responses=_responses(top.section("responses", ("cache_mode", "max_age"))),
-        redis=_redis(top.section("redis", ("url",))),
-        nodes=top.get("nodes", (), _nodes),
+        routing=_routing(top.section("routing", _keys(RoutingConfig))),
+        responses=_responses(top.section("responses", _keys(ResponsesConfig))),
+        redis=_redis(top.section("redis", _keys(RedisConfig))),
+        probing=probing,
+        state=_state(top.section("state", _keys(StateConfig))),
+        admin=_admin(top.section("admin", _keys(AdminConfig))),
+        nodes=top.get("nodes", (), lambda v, k: _nodes(v, k, probing.probe)),
     )
     if config.responses.cache_mode == "cdn-geo" and config.client_ip.cdn_country_header is None:
         raise ConfigError(

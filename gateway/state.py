@@ -1,21 +1,26 @@
-"""Live node state as the routing policy sees it: one immutable snapshot at a time.
+"""Live node state: the records instances share, and the in-memory view the policy reads.
 
-Whatever keeps state current (static config, a prober, Redis) hands the policy a
-``Mapping[str, NodeStatus]``; nodes missing from it are taken as up, which is what a gateway
-without live state must assume.
+Three kinds of record describe a node: probe results (one per vantage point), load, and the
+operator's admin state. Wherever they come from (this instance's prober, Redis, an admin call),
+they are applied to a ``LiveState``, which keeps one ``NodeStatus`` per node current. Requests
+only ever read ``LiveState.statuses``: no I/O on the request path. Nothing here expires by
+time: when shared state is unreachable the gateway keeps routing on the last view it had.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
+
+from gateway.config import NodeConfig
 
 
 @dataclass(frozen=True, slots=True)
 class NodeStatus:
     up: bool = True
-    #: Why the node is down (e.g. "timeout", "status 503"); empty while up.
+    #: Why the node is down (e.g. "timeout", "status 503", "not yet probed"); empty while up.
     down_reason: str = ""
     #: Admin asked to stop sending new clients while existing downloads finish.
     draining: bool = False
@@ -31,3 +36,225 @@ NODE_ASSUMED_UP = NodeStatus()
 NodeStatuses = Mapping[str, NodeStatus]
 
 NO_LIVE_STATE: NodeStatuses = MappingProxyType({})
+
+NOT_YET_PROBED = "not yet probed"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRecord:
+    """One vantage point's current verdict on one node (after hysteresis)."""
+
+    node_id: str
+    vantage: str
+    up: bool
+    #: Reason of the latest failed probe while down ("timeout", "connect error", "status 503",
+    #: "wrong size 12 != 665"); empty while up.
+    reason: str
+    #: EWMA over successful probes; None before the first success.
+    latency_ms: float | None
+    #: Unix time of the latest probe and of the latest successful one.
+    checked_at: float
+    last_ok_at: float | None
+
+
+LoadSource = Literal["status-json", "prometheus", "redirects"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRecord:
+    node_id: str
+    source: LoadSource
+    active_connections: float | None = None
+    egress_mbps: float | None = None
+    #: What the node reports as its capacity; config ``capacity`` fills in what it does not.
+    capacity_connections: float | None = None
+    capacity_mbps: float | None = None
+    measured_at: float = 0.0
+
+
+AdminMode = Literal["active", "draining", "disabled"]
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRecord:
+    node_id: str
+    mode: AdminMode
+    changed_at: float = 0.0
+
+
+def load_fraction(node: NodeConfig, record: LoadRecord | None) -> float | None:
+    """The busier of connections and egress against capacity (reported, else configured)."""
+    if record is None:
+        return None
+    fractions = []
+    connections = record.capacity_connections or node.capacity.connections
+    if record.active_connections is not None and connections:
+        fractions.append(record.active_connections / connections)
+    mbps = record.capacity_mbps or node.capacity.egress_mbps
+    if record.egress_mbps is not None and mbps:
+        fractions.append(record.egress_mbps / mbps)
+    return max(fractions) if fractions else None
+
+
+def preferred_probe(probes: Iterable[ProbeRecord], vantage: str) -> ProbeRecord | None:
+    """This vantage's own verdict if it has one, else the most recent from anywhere."""
+    best: ProbeRecord | None = None
+    for record in probes:
+        if record.vantage == vantage:
+            return record
+        if best is None or record.checked_at > best.checked_at:
+            best = record
+    return best
+
+
+def node_status(
+    node: NodeConfig,
+    probe: ProbeRecord | None,
+    load: LoadRecord | None,
+    admin: AdminRecord | None,
+    *,
+    probing: bool,
+) -> NodeStatus:
+    if probe is None:
+        up, reason, latency = not probing, NOT_YET_PROBED if probing else "", None
+    else:
+        up, reason, latency = probe.up, probe.reason, probe.latency_ms
+    mode = admin.mode if admin is not None else "active"
+    return NodeStatus(
+        up=up,
+        down_reason="" if up else reason,
+        draining=mode == "draining",
+        disabled=mode == "disabled",
+        latency_ms=latency,
+        load=load_fraction(node, load),
+    )
+
+
+@dataclass(slots=True)
+class _NodeRecords:
+    node: NodeConfig
+    probes: dict[str, ProbeRecord] = field(default_factory=dict)
+    load: LoadRecord | None = None
+    admin: AdminRecord | None = None
+
+
+class LiveState:
+    """The current view of every configured node, updated in place one node at a time.
+
+    Single-threaded by design (the event loop): each apply replaces one immutable
+    ``NodeStatus``, so a request always sees a consistent status per node.
+    """
+
+    def __init__(self, nodes: Sequence[NodeConfig], *, vantage: str, probing: bool) -> None:
+        self.vantage = vantage
+        self.probing = probing
+        self._records: dict[str, _NodeRecords] = {}
+        self.statuses: dict[str, NodeStatus] = {}
+        #: Bumped on every change, so derived caches know when to rebuild.
+        self.version = 0
+        self.reconfigure(nodes)
+
+    def reconfigure(self, nodes: Sequence[NodeConfig]) -> None:
+        """Adopt a new node list (config reload), keeping what is known of surviving nodes."""
+        old = self._records
+        self._records = {}
+        for node in nodes:
+            kept = old.get(node.id)
+            self._records[node.id] = (
+                _NodeRecords(node, kept.probes, kept.load, kept.admin)
+                if kept
+                else _NodeRecords(node)
+            )
+        self.statuses = {node_id: self._status(r) for node_id, r in self._records.items()}
+        self.version += 1
+
+    def _status(self, records: _NodeRecords) -> NodeStatus:
+        probe = preferred_probe(records.probes.values(), self.vantage)
+        return node_status(records.node, probe, records.load, records.admin, probing=self.probing)
+
+    def _refresh(self, node_id: str) -> None:
+        records = self._records[node_id]
+        status = self._status(records)
+        if self.statuses.get(node_id) != status:
+            self.statuses[node_id] = status
+            self.version += 1
+
+    def apply_probe(self, record: ProbeRecord) -> None:
+        records = self._records.get(record.node_id)
+        if records is None:
+            return
+        current = records.probes.get(record.vantage)
+        if current is not None and current.checked_at > record.checked_at:
+            return  # an older verdict arriving late must not undo a newer one
+        records.probes[record.vantage] = record
+        self._refresh(record.node_id)
+
+    def apply_load(self, record: LoadRecord) -> None:
+        records = self._records.get(record.node_id)
+        if records is None:
+            return
+        if records.load is not None and records.load.measured_at > record.measured_at:
+            return
+        records.load = record
+        self._refresh(record.node_id)
+
+    def apply_admin(self, record: AdminRecord) -> None:
+        records = self._records.get(record.node_id)
+        if records is None:
+            return
+        if records.admin is not None and records.admin.changed_at > record.changed_at:
+            return
+        records.admin = record
+        self._refresh(record.node_id)
+
+    def probe_records(self, node_id: str) -> tuple[ProbeRecord, ...]:
+        records = self._records.get(node_id)
+        return tuple(records.probes.values()) if records else ()
+
+    def load_record(self, node_id: str) -> LoadRecord | None:
+        records = self._records.get(node_id)
+        return records.load if records else None
+
+    def admin_mode(self, node_id: str) -> AdminMode:
+        records = self._records.get(node_id)
+        return records.admin.mode if records and records.admin else "active"
+
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(self._records)
+
+
+def estimated_connections(redirects: int, window_s: float, download_s: float) -> float:
+    """Concurrent downloads implied by a redirect count (Little's law: rate x duration)."""
+    return redirects / window_s * download_s
+
+
+class RedirectCounter:
+    """Redirects this instance sent per node, for load estimates and cache balancing.
+
+    ``count`` runs on every request, so it is a dict increment and nothing more; the window
+    turns over from the periodic tasks, never from the request path.
+    """
+
+    def __init__(self) -> None:
+        #: Redirects in the current window, per node.
+        self.current: dict[str, int] = {}
+        #: Counts not yet pushed to shared state.
+        self._unflushed: dict[str, int] = {}
+
+    def count(self, node_id: str) -> None:
+        self.current[node_id] = self.current.get(node_id, 0) + 1
+        self._unflushed[node_id] = self._unflushed.get(node_id, 0) + 1
+
+    def take_unflushed(self) -> dict[str, int]:
+        taken, self._unflushed = self._unflushed, {}
+        return taken
+
+    def restore_unflushed(self, counts: Mapping[str, int]) -> None:
+        """Give back counts a failed flush could not push, so they go with the next one."""
+        for node_id, n in counts.items():
+            self._unflushed[node_id] = self._unflushed.get(node_id, 0) + n
+
+    def rotate(self) -> dict[str, int]:
+        """Close the current window and return its counts."""
+        closed, self.current = self.current, {}
+        return closed
