@@ -6,14 +6,21 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import uvloop
 
+from gateway.admin import ACTIONS
 from gateway.clientip import ClientAddress, parse_ip
 from gateway.config import (
+    ADMIN_TOKEN_ENV_VAR,
     CONFIG_ENV_VAR,
     ConfigError,
     GatewayConfig,
@@ -29,6 +36,11 @@ log = logging.getLogger("gateway")
 
 EXIT_BAD_CONFIG = 2
 EXIT_BAD_INPUT = 3
+EXIT_ADMIN_FAILED = 4
+
+
+class AdminCallError(Exception):
+    """The admin API could not be reached or refused the call."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
         "--cdn-country", help="country a trusted CDN header would report (ISO alpha-2)"
     )
     explain_cmd.add_argument("url", help="resolve URL or path, e.g. /gpt2/resolve/main/config.json")
+
+    nodes_cmd = commands.add_parser("nodes", help="list or change nodes of a running gateway")
+    nodes_cmd.add_argument("action", choices=["list", *ACTIONS])
+    nodes_cmd.add_argument("node", nargs="?", help="node id (for drain, disable, enable)")
+    nodes_cmd.add_argument(
+        "--gateway", default="http://127.0.0.1:8080", help="gateway base URL (admin API)"
+    )
+    nodes_cmd.add_argument("--token", help=f"admin token (default: ${ADMIN_TOKEN_ENV_VAR})")
+    nodes_cmd.add_argument("--json", action="store_true", help="print the API's JSON")
     return parser
 
 
@@ -91,6 +112,60 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_call(args: argparse.Namespace, path: str, method: str) -> dict[str, Any]:
+    token = args.token or os.environ.get(ADMIN_TOKEN_ENV_VAR)
+    if not token:
+        raise AdminCallError(f"no admin token: pass --token or set {ADMIN_TOKEN_ENV_VAR}")
+    request = urllib.request.Request(
+        args.gateway.rstrip("/") + path,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body: dict[str, Any] = json.load(response)
+            return body
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("message", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise AdminCallError(f"{args.gateway}: {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise AdminCallError(f"{args.gateway}: cannot reach the gateway: {exc}") from None
+
+
+def _node_line(node: dict[str, Any]) -> str:
+    latency = "-" if node["latency_ms"] is None else f"{node['latency_ms']:.1f}ms"
+    load = "-" if node["load"] is None else f"{node['load']:.0%}"
+    state = "up" if node["up"] else "DOWN"
+    return (
+        f"{node['id']:<24} {state:<5} {node['admin']:<9} {latency:>9} {load:>6}  "
+        f"{node['down_reason']}"
+    )
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "list":
+            result = _admin_call(args, "/admin/nodes", "GET")
+            lines = [_node_line(n) for n in result["nodes"]]
+            if result["degraded"]:
+                lines.append(f"degraded: {result['degraded']}")
+        else:
+            if not args.node:
+                print(f"nodes {args.action}: name the node", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            path = f"/admin/nodes/{urllib.parse.quote(args.node, safe='')}/{args.action}"
+            result = _admin_call(args, path, "POST")
+            lines = [_node_line(result)]
+    except AdminCallError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_ADMIN_FAILED
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -102,13 +177,18 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config, router, lambda: _load(args.config), host=host, port=port))
+        runner.run(serve(router, lambda: _load(args.config), host=host, port=port))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": _serve, "check-config": _check_config, "explain": _explain}
+    handlers = {
+        "serve": _serve,
+        "check-config": _check_config,
+        "explain": _explain,
+        "nodes": _nodes,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -15,7 +15,9 @@ from aiohttp import web
 from gateway.clientip import ForwardingHeaders
 from gateway.config import ClientIPConfig
 from gateway.hfpath import PathError, parse_resolve_path
+from gateway.probe import Prober
 from gateway.router import PRIVATE_CACHE_CONTROL, Router
+from gateway.store import StateStore
 
 JSON_CONTENT_TYPE = "application/json"
 ALLOWED_METHODS = "GET, HEAD"
@@ -23,14 +25,26 @@ NODE_HEADER = "X-Mirror-Node"
 UPSTREAM_NODE_NAME = "upstream"
 
 
-class RouterCell:
-    """The router in force; a config reload swaps it in one assignment."""
+class Runtime:
+    """What requests read: the router in force and the live node state.
 
-    def __init__(self, router: Router) -> None:
+    A config reload swaps the router in one assignment; the store and prober live as long as
+    the process.
+    """
+
+    def __init__(self, router: Router, store: StateStore, prober: Prober | None) -> None:
         self.router = router
+        self.store = store
+        self.prober = prober
+
+    def adopt(self, router: Router) -> None:
+        self.router = router
+        self.store.reconfigure(router.config.nodes)
+        if self.prober is not None:
+            self.prober.reconfigure(router.config.nodes, router.config.probing)
 
 
-ROUTER = web.AppKey("router", RouterCell)
+RUNTIME = web.AppKey("runtime", Runtime)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -88,18 +102,23 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    router = request.app[ROUTER].router
+    """Ready whenever serving: a degraded gateway still routes, from its last known state."""
+    runtime = request.app[RUNTIME]
+    degraded = [runtime.store.degraded_reason] if runtime.store.degraded_reason else []
+    statuses = runtime.store.live.statuses
     return web.json_response(
         {
-            "status": "ready",
-            "degraded": [],
-            "nodes": len(router.config.nodes),
+            "status": "degraded" if degraded else "ready",
+            "degraded": degraded,
+            "nodes": len(runtime.router.config.nodes),
+            "nodes_up": sum(1 for s in statuses.values() if s.up),
         }
     )
 
 
 async def resolve(request: web.Request) -> web.StreamResponse:
-    router = request.app[ROUTER].router
+    runtime = request.app[RUNTIME]
+    router = runtime.router
     raw_path = request.rel_url.raw_path
     try:
         ref = parse_resolve_path(raw_path, router.config.server.max_path_bytes)
@@ -117,11 +136,12 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     client = router.resolver.resolve(
         request.remote, forwarding_headers(request, router.config.client_ip)
     )
-    route = router.route(ref, client)
-    headers = {
-        "Location": route.url,
-        NODE_HEADER: route.decision.node.id if route.decision.node else UPSTREAM_NODE_NAME,
-    }
+    store = runtime.store
+    route = router.route(ref, client, store.live.statuses, store.redirects.current)
+    node = route.decision.node
+    if node is not None:
+        store.redirects.count(node.id)
+    headers = {"Location": route.url, NODE_HEADER: node.id if node else UPSTREAM_NODE_NAME}
     if route.shared_cacheable:
         headers["Cache-Control"] = router.shared_cache_control
         # cdn-geo mode guarantees the header is configured (checked at config load).
@@ -129,13 +149,3 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     else:
         headers["Cache-Control"] = PRIVATE_CACHE_CONTROL
     return web.Response(status=302, headers=headers)
-
-
-def create_app(router: Router) -> web.Application:
-    app = web.Application()
-    app[ROUTER] = RouterCell(router)
-    app.router.add_route("*", "/healthz", read_only(healthz))
-    app.router.add_route("*", "/readyz", read_only(readyz))
-    # [\s\S] rather than '.': a decoded %0A must still reach our handler and get a JSON 400.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", resolve)
-    return app

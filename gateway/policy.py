@@ -2,23 +2,27 @@
 
 Pure functions over plain data. ``filter_nodes`` splits the configured nodes into accepted
 candidates and exclusions, each exclusion carrying a machine reason (bounded, usable as a metric
-label) and a human detail; ``choose`` prefers the closest tier (same ASN, same country, same
-continent, anywhere), then distance, then weight among near-equals using the RNG it is given, so
-tests can make it deterministic. No candidate means upstream.
+label) and a human detail. ``choose`` prefers the closest tier (same ASN, same country, same
+continent, anywhere), then the score (distance, plus probe latency and load expressed as
+distance), then shares among near-equals: by weight using the RNG it is given (deterministic in
+tests), or for cache nodes by bounded-load rendezvous hashing on the file, so one file keeps
+hitting one cache while no cache takes more than its bounded share. A node at capacity is held
+in reserve and used only when no other node can serve. No node at all means upstream.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
 
 from gateway.config import TIER_ORDER, NodeConfig, RoutingConfig
 from gateway.geo import Location
-from gateway.state import NODE_ASSUMED_UP, NodeStatuses
+from gateway.state import NODE_ASSUMED_UP, NodeStatus, NodeStatuses
 
 
 class Tier(IntEnum):
@@ -33,9 +37,22 @@ class Tier(IntEnum):
 
 
 ExclusionReason = Literal[
-    "disabled", "admin_disabled", "outside_service_area", "beyond_max_tier", "down", "draining"
+    "disabled",
+    "admin_disabled",
+    "outside_service_area",
+    "beyond_max_tier",
+    "down",
+    "draining",
+    "at_capacity",
 ]
-ChoiceReason = Literal["same_asn", "same_country", "same_continent", "nearest", "no_eligible_node"]
+ChoiceReason = Literal[
+    "same_asn",
+    "same_country",
+    "same_continent",
+    "nearest",
+    "at_capacity_last_resort",
+    "no_eligible_node",
+]
 
 _TIER_REASON: dict[Tier, ChoiceReason] = {
     Tier.ASN: "same_asn",
@@ -61,6 +78,16 @@ class Exclusion:
     node: NodeConfig
     reason: ExclusionReason
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Filtered:
+    #: Eligible nodes, best first.
+    accepted: list[Candidate]
+    #: Eligible but at capacity: used only when ``accepted`` is empty. Also listed in
+    #: ``excluded`` with reason ``at_capacity``.
+    reserve: list[Candidate]
+    excluded: list[Exclusion]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,15 +145,30 @@ def _distance(node: NodeConfig, client: Location) -> float | None:
     return distance_km(client.latitude, client.longitude, node.latitude, node.longitude)
 
 
+def score(distance: float | None, status: NodeStatus, policy: RoutingConfig) -> float:
+    """Lower is better: km of distance, with latency and load converted to km."""
+    value = distance or 0.0
+    if status.latency_ms is not None:
+        value += status.latency_ms * policy.km_per_latency_ms
+    if status.load is not None:
+        value += min(status.load, 1.0) * policy.load_penalty_km
+    return value
+
+
+def _by_preference(candidate: Candidate) -> tuple[Tier, float, float, str]:
+    return candidate.tier, candidate.score, -candidate.node.weight, candidate.node.id
+
+
 def filter_nodes(
     nodes: Iterable[NodeConfig],
     client: Location,
     statuses: NodeStatuses,
     policy: RoutingConfig,
-) -> tuple[list[Candidate], list[Exclusion]]:
-    """Split nodes into candidates (sorted best first) and exclusions with reasons."""
+) -> Filtered:
+    """Split nodes into candidates (sorted best first), a reserve, and exclusions with reasons."""
     max_tier = Tier(TIER_ORDER.index(policy.max_tier))
     accepted: list[Candidate] = []
+    reserve: list[Candidate] = []
     excluded: list[Exclusion] = []
     for node in nodes:
         status = statuses.get(node.id, NODE_ASSUMED_UP)
@@ -157,9 +199,17 @@ def filter_nodes(
             )
             continue
         distance = _distance(node, client)
-        accepted.append(Candidate(node, tier, distance, distance or 0.0))
-    accepted.sort(key=lambda c: (c.tier, c.score, -c.node.weight, c.node.id))
-    return accepted, excluded
+        candidate = Candidate(node, tier, distance, score(distance, status, policy))
+        if status.load is not None and status.load >= 1.0:
+            excluded.append(
+                Exclusion(node, "at_capacity", f"load {status.load:.0%} of capacity; last resort")
+            )
+            reserve.append(candidate)
+            continue
+        accepted.append(candidate)
+    accepted.sort(key=_by_preference)
+    reserve.sort(key=_by_preference)
+    return Filtered(accepted, reserve, excluded)
 
 
 def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[Candidate]:
@@ -171,16 +221,64 @@ def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[
     return [c for c in candidates if c.tier == best.tier and c.score <= limit]
 
 
+def rendezvous_order(nodes: Sequence[NodeConfig], key: str) -> list[NodeConfig]:
+    """Weighted rendezvous (highest random weight) order of ``nodes`` for ``key``.
+
+    Stable per (node id, key), so adding or removing a node only moves the keys it wins or
+    loses; weights scale each node's share.
+    """
+
+    def rank(node: NodeConfig) -> float:
+        digest = hashlib.blake2b(f"{node.id}\0{key}".encode(), digest_size=8).digest()
+        # Map to (0, 1) exclusive so the logarithm is finite and negative.
+        unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 2)
+        return -node.weight / math.log(unit)
+
+    return sorted(nodes, key=rank, reverse=True)
+
+
+def bounded_rendezvous(
+    nodes: Sequence[NodeConfig], key: str, recent: Mapping[str, int], bound: float
+) -> NodeConfig:
+    """The first node in rendezvous order still under ``bound`` times its weighted share.
+
+    ``recent`` counts the redirects each node took lately; counting this one too, a node may
+    take at most ``ceil(bound * total * weight / total_weight)`` of them.
+    """
+    ordered = rendezvous_order(nodes, key)
+    total = sum(recent.get(n.id, 0) for n in nodes) + 1
+    total_weight = sum(n.weight for n in nodes)
+    for node in ordered:
+        if recent.get(node.id, 0) + 1 <= math.ceil(bound * total * node.weight / total_weight):
+            return node
+    return ordered[0]  # unreachable for bound >= 1: the shares add up to more than total
+
+
 def choose(
-    candidates: Sequence[Candidate], policy: RoutingConfig, rng: random.Random
+    candidates: Sequence[Candidate],
+    policy: RoutingConfig,
+    rng: random.Random,
+    *,
+    key: str = "",
+    recent: Mapping[str, int] | None = None,
 ) -> Candidate | None:
-    """Weighted random pick among the near-equal best candidates (input sorted best first)."""
+    """Pick among the near-equal best candidates (input sorted best first).
+
+    Cache nodes in the pool compete as one group carrying their summed weight; within the group
+    the file ``key`` picks the cache by bounded-load rendezvous over ``recent`` redirect counts.
+    """
     pool = near_equals(candidates, policy)
-    if not pool:
-        return None
-    if len(pool) == 1:
-        return pool[0]
-    return rng.choices(pool, weights=[c.node.weight for c in pool])[0]
+    if len(pool) <= 1:
+        return pool[0] if pool else None
+    caches = [c for c in pool if c.node.kind == "cache"]
+    others = [c for c in pool if c.node.kind != "cache"]
+    groups: list[list[Candidate]] = [[c] for c in others] + ([caches] if caches else [])
+    weights = [sum(c.node.weight for c in group) for group in groups]
+    group = groups[0] if len(groups) == 1 else rng.choices(groups, weights=weights)[0]
+    if len(group) == 1:
+        return group[0]
+    chosen = bounded_rendezvous([c.node for c in group], key, recent or {}, policy.cache_load_bound)
+    return next(c for c in group if c.node is chosen)
 
 
 def decide(
@@ -189,9 +287,17 @@ def decide(
     statuses: NodeStatuses,
     policy: RoutingConfig,
     rng: random.Random,
+    *,
+    key: str = "",
+    recent: Mapping[str, int] | None = None,
 ) -> Decision:
-    accepted, excluded = filter_nodes(nodes, client, statuses, policy)
-    chosen = choose(accepted, policy, rng)
-    if chosen is None:
-        return Decision(None, "no_eligible_node", tuple(accepted), tuple(excluded))
-    return Decision(chosen.node, _TIER_REASON[chosen.tier], tuple(accepted), tuple(excluded))
+    filtered = filter_nodes(nodes, client, statuses, policy)
+    excluded = tuple(filtered.excluded)
+    chosen = choose(filtered.accepted, policy, rng, key=key, recent=recent)
+    if chosen is not None:
+        reason = _TIER_REASON[chosen.tier]
+        return Decision(chosen.node, reason, tuple(filtered.accepted), excluded)
+    last_resort = choose(filtered.reserve, policy, rng, key=key, recent=recent)
+    if last_resort is not None:
+        return Decision(last_resort.node, "at_capacity_last_resort", (), excluded)
+    return Decision(None, "no_eligible_node", (), excluded)

@@ -7,6 +7,7 @@ built once per config (start or reload) and is immutable afterwards.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from gateway.clientip import ClientAddress, ClientIPResolver
@@ -59,10 +60,23 @@ class Router:
         return UNKNOWN_LOCATION if client.ip is None else self.locator.locate(client.ip)
 
     def route(
-        self, ref: FileRef, client: ClientAddress, statuses: NodeStatuses = NO_LIVE_STATE
+        self,
+        ref: FileRef,
+        client: ClientAddress,
+        statuses: NodeStatuses = NO_LIVE_STATE,
+        recent: Mapping[str, int] | None = None,
     ) -> Route:
+        """Route one request; ``recent`` counts redirects per node for cache balancing."""
         location, from_cdn_only = self.locate(client)
-        decision = decide(self.config.nodes, location, statuses, self.config.routing, self._rng)
+        decision = decide(
+            self.config.nodes,
+            location,
+            statuses,
+            self.config.routing,
+            self._rng,
+            key=f"{ref.repo_type}/{ref.repo_id}/{ref.revision}/{ref.filename}",
+            recent=recent,
+        )
         if decision.node is None:
             url = upstream_url(self.config.upstream.url, ref)
         else:

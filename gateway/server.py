@@ -19,10 +19,14 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from gateway.app import create_app
 from gateway.config import ConfigError, GatewayConfig
-from gateway.geo import GeoDataError
-from gateway.http import ROUTER, create_app, json_error
+from gateway.geo import GeoDataError, MaxMindLocator
+from gateway.http import RUNTIME, Runtime, json_error
+from gateway.probe import Prober
 from gateway.router import Router
+from gateway.state import LiveState, RedirectCounter
+from gateway.store import InProcessStore, RedisStore, StateStore
 
 log = logging.getLogger("gateway.server")
 
@@ -102,14 +106,30 @@ def handler_limits(config: GatewayConfig) -> dict[str, int]:
 
 def build_router(config: GatewayConfig) -> tuple[Router, tuple[str, ...]]:
     """A router for ``config`` and the warnings to log (GeoIP staleness, missing ASN data)."""
-    from gateway.geo import MaxMindLocator
-
     locator = MaxMindLocator(config.geoip)
     return Router(config, locator), locator.warnings
 
 
+def build_runtime(router: Router) -> Runtime:
+    """Live state in Redis when ``redis.url`` is set, else in this process; a prober if on."""
+    config = router.config
+    live = LiveState(config.nodes, vantage=config.probing.vantage, probing=config.probing.enabled)
+    redirects = RedirectCounter()
+    store: StateStore
+    if config.redis.url:
+        store = RedisStore(live, redirects, config.redis, config.state, config.nodes)
+    else:
+        store = InProcessStore(live, redirects, config.state, config.nodes)
+    prober = Prober(config.nodes, config.probing, store) if config.probing.enabled else None
+    return Runtime(router, store, prober)
+
+
+#: Settings read once at start; a reload that changes them only warns.
+_RESTART_ONLY = ("server", "redis", "admin")
+
+
 def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:
-    cell = app[ROUTER]
+    runtime = app[RUNTIME]
     try:
         config = load()
         router, warnings = build_router(config)
@@ -118,16 +138,19 @@ def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:
         return
     for warning in warnings:
         log.warning("%s", warning)
-    if config.server != cell.router.config.server:
-        log.warning("server.* settings changed; they take effect after a restart")
-    old = cell.router
-    cell.router = router
+    running = runtime.router.config
+    for section in _RESTART_ONLY:
+        if getattr(config, section) != getattr(running, section):
+            log.warning("%s.* settings changed; they take effect after a restart", section)
+    if config.probing.enabled != running.probing.enabled:
+        log.warning("probing.enabled changed; it takes effect after a restart")
+    old = runtime.router
+    runtime.adopt(router)
     old.locator.close()
     log.info("config reloaded: %d nodes", len(config.nodes))
 
 
 async def serve(
-    config: GatewayConfig,
     router: Router,
     load_config: Callable[[], GatewayConfig],
     *,
@@ -135,7 +158,8 @@ async def serve(
     port: int,
 ) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the config."""
-    app = create_app(router)
+    config = router.config
+    app = create_app(build_runtime(router))
     runner = GatewayRunner(
         app, access_log=None, handler_cancellation=True, **handler_limits(config)
     )
@@ -153,4 +177,4 @@ async def serve(
     finally:
         log.info("shutting down")
         await runner.cleanup()
-        app[ROUTER].router.locator.close()
+        app[RUNTIME].router.locator.close()

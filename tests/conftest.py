@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from geoworld import GeoDBs, build_asn_db, build_city_db
+from redis_server import RedisServer, free_port
 
 from gateway.config import GeoIPConfig
 
@@ -23,3 +27,31 @@ def geo_dbs(tmp_path_factory: pytest.TempPathFactory) -> GeoDBs:
 @pytest.fixture
 def geoip_config(geo_dbs: GeoDBs) -> GeoIPConfig:
     return GeoIPConfig(city_db=geo_dbs.city, asn_db=geo_dbs.asn)
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the whole session; tests get it through ``redis_url``."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL, emptied before the test."""
+    redis_server.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop, kill or pause it."""
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()

@@ -4,17 +4,18 @@ import asyncio
 import json
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.app import create_app
 from gateway.config import GatewayConfig, GeoIPConfig, config_from_mapping
 from gateway.geo import MaxMindLocator
-from gateway.http import create_app
 from gateway.router import Router
-from gateway.server import GatewayRunner, handler_limits
+from gateway.server import GatewayRunner, build_runtime, handler_limits
 
 BEIJING_IP = "1.2.3.4"
 US_IP = "3.3.3.3"
@@ -51,17 +52,9 @@ class GatewayTestServer(TestServer):
 
 
 def gateway_config(geoip: GeoIPConfig, **sections: Any) -> GatewayConfig:
-    base = config_from_mapping({"nodes": NODES, **sections})
-    return GatewayConfig(
-        server=base.server,
-        client_ip=base.client_ip,
-        geoip=geoip,
-        upstream=base.upstream,
-        routing=base.routing,
-        responses=base.responses,
-        redis=base.redis,
-        nodes=base.nodes,
-    )
+    # These nodes are not real servers: take them as up rather than probing them.
+    base = config_from_mapping({"nodes": NODES, "probing": {"enabled": False}, **sections})
+    return replace(base, geoip=geoip)
 
 
 @pytest.fixture
@@ -72,7 +65,7 @@ def make_client(
     async def make(**sections: Any) -> TestClient[web.Request, web.Application]:
         config = gateway_config(geoip_config, **sections)
         router = Router(config, MaxMindLocator(config.geoip), random.Random(1))
-        server = GatewayTestServer(create_app(router))
+        server = GatewayTestServer(create_app(build_runtime(router)))
         return await aiohttp_client(server, server_kwargs=handler_limits(config))
 
     return make

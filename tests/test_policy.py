@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import replace
@@ -10,7 +11,15 @@ from hypothesis import strategies as st
 
 from gateway.config import NodeConfig, RoutingConfig, ServiceArea
 from gateway.geo import UNKNOWN_LOCATION, Location
-from gateway.policy import Tier, choose, decide, distance_km, filter_nodes
+from gateway.policy import (
+    Tier,
+    bounded_rendezvous,
+    choose,
+    decide,
+    distance_km,
+    filter_nodes,
+    rendezvous_order,
+)
 from gateway.state import NO_LIVE_STATE, NodeStatus
 
 CN_ONLY = ServiceArea(countries=frozenset({"CN"}))
@@ -170,14 +179,13 @@ def test_every_exclusion_carries_a_reason(
     reason: str,
     detail: str,
 ) -> None:
-    _, excluded = filter_nodes(NODES, client, statuses, policy)
-    by_node = {e.node.id: e for e in excluded}
+    by_node = {e.node.id: e for e in filter_nodes(NODES, client, statuses, policy).excluded}
     assert by_node[node_id].reason == reason
     assert detail in by_node[node_id].detail
 
 
 def test_candidates_sorted_by_tier_then_distance() -> None:
-    accepted, _ = filter_nodes(NODES, GUANGZHOU_CLIENT, NO_LIVE_STATE, ANY)
+    accepted = filter_nodes(NODES, GUANGZHOU_CLIENT, NO_LIVE_STATE, ANY).accepted
     assert [(c.node.id, c.tier) for c in accepted] == [
         ("gz", Tier.COUNTRY),
         ("sh", Tier.COUNTRY),
@@ -192,7 +200,7 @@ def test_weights_share_traffic_among_near_equals() -> None:
     heavy = replace(BEIJING, id="heavy", weight=3.0, asns=frozenset())
     light = replace(BEIJING, id="light", weight=1.0, asns=frozenset(), latitude=39.95)
     far = replace(SHANGHAI, id="far", asns=frozenset())
-    accepted, _ = filter_nodes((heavy, light, far), BEIJING_CLIENT, NO_LIVE_STATE, ANY)
+    accepted = filter_nodes((heavy, light, far), BEIJING_CLIENT, NO_LIVE_STATE, ANY).accepted
     rng = random.Random(42)
     picks: Counter[str] = Counter()
     for _ in range(4000):
@@ -255,3 +263,81 @@ def test_decision_properties(
     assert (
         area.everywhere or client.country in area.countries or client.continent in area.continents
     )
+
+
+def test_latency_and_load_enter_the_score() -> None:
+    # Shanghai is ~1070 km from a Beijing client; a slow, busy Beijing node loses to it.
+    bj = replace(BEIJING, asns=frozenset())
+    fast = {"bj": NodeStatus(latency_ms=5), "sh": NodeStatus(latency_ms=5)}
+    slow_busy = {
+        "bj": NodeStatus(latency_ms=80, load=0.9),
+        "sh": NodeStatus(latency_ms=5, load=0.1),
+    }
+    client = BEIJING_CLIENT
+    assert decide((bj, SHANGHAI), client, fast, ANY, random.Random(1)).node == bj
+    decision = decide((bj, SHANGHAI), client, slow_busy, ANY, random.Random(1))
+    assert decision.node == SHANGHAI
+    scores = {c.node.id: c.score for c in decision.candidates}
+    assert scores["bj"] == pytest.approx(distance_km(39.9, 116.4, 39.9042, 116.4074) + 800 + 1800)
+
+
+def test_node_at_capacity_only_as_last_resort() -> None:
+    full = {"bj": NodeStatus(load=1.0)}
+    decision = decide(NODES, BEIJING_CLIENT, full, ANY, random.Random(1))
+    assert decision.node == SHANGHAI
+    assert {e.node.id: e.reason for e in decision.excluded}["bj"] == "at_capacity"
+
+    everything_full = {n.id: NodeStatus(load=1.5) for n in NODES}
+    decision = decide(NODES, BEIJING_CLIENT, everything_full, ANY, random.Random(1))
+    assert decision.node == BEIJING
+    assert decision.reason == "at_capacity_last_resort"
+
+
+CACHES = tuple(
+    NodeConfig(f"cache{i}", f"https://c{i}.example", kind="cache", country="CN", latitude=31.2,
+               longitude=121.5)
+    for i in range(4)
+)  # fmt: skip
+
+
+def test_rendezvous_keeps_a_file_on_one_cache_while_loads_allow() -> None:
+    client = SHANGHAI_CLIENT
+    for n in range(50):
+        key = f"org/model/resolve/main/shard-{n}.safetensors"
+        chosen = {
+            decide(CACHES, client, {}, ANY, random.Random(seed), key=key).node for seed in range(10)
+        }
+        assert len(chosen) == 1, key
+    # Removing one cache only moves the files it held.
+    before = {f"f{n}": rendezvous_order(CACHES, f"f{n}")[0].id for n in range(400)}
+    after = {f"f{n}": rendezvous_order(CACHES[1:], f"f{n}")[0].id for n in range(400)}
+    moved = {k for k in before if before[k] != after[k]}
+    assert moved == {k for k in before if before[k] == "cache0"}
+    assert 60 < len(moved) < 140  # about a quarter
+
+
+def test_rendezvous_bound_holds_under_a_skewed_mix() -> None:
+    rng = random.Random(5)
+    files = [f"file-{i}" for i in range(30)]
+    # Zipf-like: the first file gets half of all requests.
+    weights = [1 / (i + 1) ** 1.5 for i in range(len(files))]
+    recent: Counter[str] = Counter()
+    bound = ANY.cache_load_bound
+    for _ in range(2000):
+        key = rng.choices(files, weights=weights)[0]
+        node = decide(CACHES, SHANGHAI_CLIENT, {}, ANY, rng, key=key, recent=recent).node
+        assert node is not None
+        recent[node.id] += 1
+        total = sum(recent.values())
+        assert max(recent.values()) <= math.ceil(bound * total / len(CACHES))
+    # The hottest file still mostly lands on its own cache.
+    assert recent.most_common(1)[0][1] > 2000 / len(CACHES)
+
+
+def test_bounded_rendezvous_respects_weights() -> None:
+    heavy = replace(CACHES[0], weight=3.0)
+    nodes = (heavy, *CACHES[1:3])
+    recent: Counter[str] = Counter()
+    for i in range(5000):
+        recent[bounded_rendezvous(nodes, f"k{i}", recent, 1.25).id] += 1
+    assert 0.5 < recent[heavy.id] / 5000 < 0.65  # weight 3 of 5

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,84 +14,24 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from processes import REPO, GatewayProcess, http, request
 
-REPO = Path(__file__).parent.parent
 EXAMPLE_CONFIG = REPO / "config" / "gateway.yaml"
 # In the bundled GeoLite2 City build: Beijing (China Unicom) and a US address.
 BUNDLED_BEIJING_IP = "202.106.0.20"
 BUNDLED_US_IP = "8.8.8.8"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(": ")
-        headers[name.lower()] = value
-    return int(lines[0].split()[1]), headers, body
-
-
-def request(method: str, target: str, headers: dict[str, str] | None = None) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: gateway.test", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-class Gateway:
-    def __init__(self, config: Path, tmp_path: Path) -> None:
-        self.port = free_port()
-        self.log = tmp_path / f"gateway-{self.port}.log"
-        self._log_file = self.log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if http(self.port, request("GET", "/healthz"))[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"gateway did not start:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=15)
-        self._log_file.close()
-        return code
-
-    def wait_for_log(self, text: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log.read_text():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not logged:\n{self.log.read_text()}")
-
-
 @pytest.fixture(scope="module")
-def example_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = Gateway(EXAMPLE_CONFIG, tmp_path_factory.mktemp("serve"))
+def example_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    gateway = GatewayProcess(EXAMPLE_CONFIG, tmp_path_factory.mktemp("serve"))
     yield gateway
     assert gateway.stop() == 0
 
 
-def test_readme_demo_beijing_to_domestic_node_us_to_upstream(example_gateway: Gateway) -> None:
+def test_readme_demo_beijing_to_domestic_node_us_to_upstream(
+    example_gateway: GatewayProcess,
+) -> None:
     status, headers, _ = http(
         example_gateway.port,
         request("HEAD", "/gpt2/resolve/main/config.json", {"X-Forwarded-For": BUNDLED_BEIJING_IP}),
@@ -108,7 +46,7 @@ def test_readme_demo_beijing_to_domestic_node_us_to_upstream(example_gateway: Ga
     assert headers["location"] == "https://huggingface.co/gpt2/resolve/main/config.json"
 
 
-def test_startup_warns_that_bundled_geoip_data_is_stale(example_gateway: Gateway) -> None:
+def test_startup_warns_that_bundled_geoip_data_is_stale(example_gateway: GatewayProcess) -> None:
     example_gateway.wait_for_log("2018")
     assert "geoip.city_db" in example_gateway.log.read_text()
 
@@ -116,11 +54,11 @@ def test_startup_warns_that_bundled_geoip_data_is_stale(example_gateway: Gateway
 def test_sighup_reload_applies_good_config_and_refuses_bad(tmp_path: Path) -> None:
     config_file = tmp_path / "gateway.yaml"
     shutil.copy(EXAMPLE_CONFIG, config_file)
-    gateway = Gateway(config_file, tmp_path)
+    gateway = GatewayProcess(config_file, tmp_path)
     beijing = request("GET", "/a/b/resolve/main/f", {"X-Forwarded-For": BUNDLED_BEIJING_IP})
     try:
         config_file.write_text("routing: {max_tier: galaxy}\n")
-        gateway.process.send_signal(signal.SIGHUP)
+        gateway.signal(signal.SIGHUP)
         gateway.wait_for_log("reload refused")
         assert "routing.max_tier" in gateway.log.read_text()
         assert http(gateway.port, beijing)[1]["x-mirror-node"] == "cn-beijing"
@@ -128,7 +66,7 @@ def test_sighup_reload_applies_good_config_and_refuses_bad(tmp_path: Path) -> No
         config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
         config["nodes"] = [n for n in config["nodes"] if n["id"] != "cn-beijing"]
         config_file.write_text(yaml.safe_dump(config))
-        gateway.process.send_signal(signal.SIGHUP)
+        gateway.signal(signal.SIGHUP)
         gateway.wait_for_log("config reloaded: 2 nodes")
         assert http(gateway.port, beijing)[1]["x-mirror-node"] == "cn-shanghai"
     finally:
@@ -195,7 +133,7 @@ header_names = st.sampled_from(
     method=st.sampled_from(["GET", "HEAD", "POST", "DELETE"]),
 )
 def test_any_request_gets_a_redirect_to_a_configured_base_or_a_json_4xx(
-    example_gateway: Gateway, pieces: list[str], headers: dict[str, str], method: str
+    example_gateway: GatewayProcess, pieces: list[str], headers: dict[str, str], method: str
 ) -> None:
     target = "/" + "/".join(pieces)
     status, response_headers, body = http(example_gateway.port, request(method, target, headers))

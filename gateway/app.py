@@ -1,0 +1,41 @@
+"""The aiohttp application: routes, and the background work that lives as long as it does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.admin import add_admin_routes
+from gateway.http import RUNTIME, Runtime, healthz, read_only, readyz, resolve
+
+
+async def _run_background(app: web.Application) -> AsyncIterator[None]:
+    """Start shared state and probing with the app; stop them (prober first) with it."""
+    runtime = app[RUNTIME]
+    await runtime.store.start()
+    probing = (
+        asyncio.create_task(runtime.prober.run(), name="prober")
+        if runtime.prober is not None
+        else None
+    )
+    yield
+    if probing is not None:
+        probing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probing
+    await runtime.store.close()
+
+
+def create_app(runtime: Runtime) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.cleanup_ctx.append(_run_background)
+    app.router.add_route("*", "/healthz", read_only(healthz))
+    app.router.add_route("*", "/readyz", read_only(readyz))
+    add_admin_routes(app, runtime.router.config.admin.token)
+    # [\s\S] rather than '.': a decoded %0A must still reach our handler and get a JSON 400.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", resolve)
+    return app

@@ -1,0 +1,291 @@
+"""Live node state end to end: real nodes, gateway processes, a real Redis."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from geoworld import BEIJING_IP, GeoDBs
+from mirror_node import MirrorNode
+from processes import GatewayProcess, wait_until
+
+TOKEN = "test-admin-token-0123456789"
+RESOLVE = "/org/model/resolve/main/config.json"
+FROM_BEIJING = {"X-Forwarded-For": BEIJING_IP}
+
+
+@pytest.fixture
+def nodes() -> Iterator[dict[str, MirrorNode]]:
+    started = {"bj": MirrorNode("bj"), "sh": MirrorNode("sh")}
+    yield started
+    for node in started.values():
+        node.stop()
+
+
+def live_config(
+    geo: GeoDBs, nodes: dict[str, MirrorNode], redis_url: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    coordinates = {"bj": (39.9042, 116.4074), "sh": (31.2304, 121.4737)}
+    return {
+        "geoip": {"city_db": str(geo.city), "asn_db": str(geo.asn)},
+        "probing": {
+            "interval_s": 0.1,
+            "fall": 2,
+            "rise": 3,
+            "timeout_s": 0.5,
+            "connect_timeout_s": 0.2,
+            "probe": {"path": "/health", "expect_status": [200]},
+        },
+        "state": {"resync_s": 1.0, "redirect_window_s": 1.0},
+        "redis": {"url": redis_url, "command_timeout_s": 0.2, "connect_timeout_s": 0.2}
+        if redis_url
+        else {},
+        "admin": {"token": TOKEN},
+        "nodes": [
+            {
+                "id": node_id,
+                "url": node.url,
+                "country": "CN",
+                "latitude": coordinates[node_id][0],
+                "longitude": coordinates[node_id][1],
+                "serves": {"countries": ["CN"]},
+            }
+            for node_id, node in nodes.items()
+        ],
+        **extra,
+    }
+
+
+def routed_to(gateway: GatewayProcess) -> str:
+    status, headers, _ = gateway.get(RESOLVE, FROM_BEIJING)
+    assert status == 302
+    return headers["x-mirror-node"]
+
+
+def admin(gateway: GatewayProcess, path: str, method: str = "GET") -> tuple[int, Any]:
+    call = urllib.request.Request(
+        f"http://127.0.0.1:{gateway.port}{path}",
+        method=method,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    try:
+        with urllib.request.urlopen(call, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def readiness(gateway: GatewayProcess) -> dict[str, Any]:
+    status, _, body = gateway.get("/readyz")
+    assert status == 200
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def node_state(gateway: GatewayProcess, node_id: str) -> dict[str, Any]:
+    _, listing = admin(gateway, "/admin/nodes")
+    return next(n for n in listing["nodes"] if n["id"] == node_id)
+
+
+def test_failing_node_is_routed_around_and_returns_after_rise_good_probes(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+) -> None:
+    gateway = GatewayProcess(live_config(geo_dbs, nodes), tmp_path)
+    try:
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "the Beijing node to be trusted")
+        assert len(nodes["bj"].probes()) >= 3  # trusted only after `rise` good probes
+
+        nodes["bj"].health_status = 503
+        failing_since = time.monotonic()
+        wait_until(lambda: routed_to(gateway) == "sh", 3, "routing around the failing node")
+        # fall=2 at 0.1 s intervals: well inside a second, with slack for a loaded machine.
+        assert time.monotonic() - failing_since < 2.0
+        state = node_state(gateway, "bj")
+        assert not state["up"]
+        assert "503" in state["down_reason"]
+
+        probes_before_recovery = len(nodes["bj"].probes())
+        nodes["bj"].health_status = 200
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "the recovered node to return")
+        assert len(nodes["bj"].probes()) - probes_before_recovery >= 3
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_probes_identify_themselves_and_follow_no_redirects(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+) -> None:
+    gateway = GatewayProcess(live_config(geo_dbs, nodes), tmp_path)
+    try:
+        wait_until(lambda: len(nodes["sh"].probes()) >= 2, 5, "probes")
+        user_agent = nodes["sh"].probes()[0].headers["User-Agent"]
+        assert user_agent.startswith("mirror-gateway-prober/")
+    finally:
+        assert gateway.stop() == 0
+
+
+def two_gateways(config: dict[str, Any], tmp_path: Path) -> tuple[GatewayProcess, GatewayProcess]:
+    first = GatewayProcess(config, tmp_path)
+    try:
+        second = GatewayProcess(config, tmp_path)
+    except AssertionError:
+        first.stop()
+        raise
+    return first, second
+
+
+def test_drain_on_one_instance_is_seen_by_the_other(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
+) -> None:
+    a, b = two_gateways(live_config(geo_dbs, nodes, redis_url), tmp_path)
+    try:
+        for gateway in (a, b):
+            wait_until(lambda g=gateway: routed_to(g) == "bj", 5, "both instances to trust bj")
+        status, report = admin(a, "/admin/nodes/bj/drain", "POST")
+        assert (status, report["admin"]) == (200, "draining")
+        drained_at = time.monotonic()
+        wait_until(lambda: routed_to(b) == "sh", 2, "the other instance to see the drain")
+        assert time.monotonic() - drained_at < 2.0
+        assert node_state(b, "bj")["admin"] == "draining"
+
+        assert admin(b, "/admin/nodes/bj/enable", "POST")[0] == 200
+        wait_until(lambda: routed_to(a) == "bj", 2, "the enable to reach the first instance")
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+def prober_lock_owner(client: redis.Redis) -> str | None:
+    owners = [client.get(key) for key in client.scan_iter("mg:*lock*")]
+    assert len(owners) <= 1
+    return owners[0].decode() if owners and owners[0] else None
+
+
+def test_one_prober_per_vantage_and_handover_when_it_stops(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    a, b = two_gateways(live_config(geo_dbs, nodes, redis_url), tmp_path)
+    try:
+        wait_until(lambda: prober_lock_owner(client) is not None, 5, "a prober to be elected")
+        # Two instances, one prober: over a second, about one probe per interval, not two.
+        wait_until(lambda: routed_to(a) == "bj" and routed_to(b) == "bj", 5, "bj trusted")
+        before = len(nodes["bj"].probes())
+        time.sleep(1.0)
+        per_second = len(nodes["bj"].probes()) - before
+        assert 5 <= per_second <= 14, per_second  # 10/s from one prober; 20/s would mean two
+
+        owner = prober_lock_owner(client)
+        assert owner is not None
+        probing, other = (a, b) if str(a.process.pid) in owner else (b, a)
+        assert str(other.process.pid) not in owner
+        assert probing.stop() == 0
+        wait_until(
+            lambda: (o := prober_lock_owner(client)) is not None and str(other.process.pid) in o,
+            3,
+            "the other instance to take over probing",
+        )
+        count = len(nodes["bj"].probes())
+        wait_until(lambda: len(nodes["bj"].probes()) >= count + 5, 3, "probing to continue")
+        nodes["bj"].health_status = 500
+        wait_until(lambda: routed_to(other) == "sh", 3, "the new prober to mark bj down")
+    finally:
+        for gateway in (a, b):
+            gateway.stop()
+
+
+def test_redis_outage_keeps_routing_and_converges_after_restart(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], private_redis: Any, tmp_path: Path
+) -> None:
+    a, b = two_gateways(live_config(geo_dbs, nodes, private_redis.url), tmp_path)
+    try:
+        for gateway in (a, b):
+            wait_until(lambda g=gateway: routed_to(g) == "bj", 5, "bj trusted")
+            assert readiness(gateway)["status"] == "ready"
+
+        private_redis.kill()
+        for gateway in (a, b):
+            wait_until(
+                lambda g=gateway: readiness(g)["status"] == "degraded", 5, "degraded readiness"
+            )
+            assert "redis" in readiness(gateway)["degraded"][0].lower()
+        for _ in range(50):
+            assert routed_to(a) == "bj"
+            assert routed_to(b) == "bj"
+        # Health keeps following the nodes during the outage: each instance probes for itself.
+        nodes["bj"].health_status = 503
+        wait_until(lambda: routed_to(a) == "sh" and routed_to(b) == "sh", 5, "bj marked down")
+        nodes["bj"].health_status = 200
+        wait_until(lambda: routed_to(a) == "bj" and routed_to(b) == "bj", 5, "bj back")
+        # An admin change cannot be shared while Redis is down, and says so.
+        status, body = admin(a, "/admin/nodes/sh/drain", "POST")
+        assert status == 503
+        assert body["error"] == "not_shared"
+        assert admin(a, "/admin/nodes/sh/enable", "POST")[0] == 503
+
+        private_redis.start()
+        for gateway in (a, b):
+            wait_until(lambda g=gateway: readiness(g)["status"] == "ready", 10, "recovery")
+        assert admin(a, "/admin/nodes/bj/drain", "POST")[0] == 200
+        wait_until(lambda: routed_to(b) == "sh", 3, "state to converge after the restart")
+        assert a.log.read_text().count("Traceback") == 0
+    finally:
+        for gateway in (a, b):
+            gateway.stop()
+
+
+def command_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(entry["calls"]) for entry in stats.values())
+
+
+def test_no_redis_command_per_request(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    gateway = GatewayProcess(live_config(geo_dbs, nodes, redis_url), tmp_path)
+    try:
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "bj trusted")
+        requests = 1000
+        idle_start = command_calls(client)
+        started = time.monotonic()
+        time.sleep(1.0)
+        idle_rate = (command_calls(client) - idle_start) / (time.monotonic() - started)
+
+        burst_start = command_calls(client)
+        started = time.monotonic()
+        for _ in range(requests):
+            assert routed_to(gateway) == "bj"
+        elapsed = time.monotonic() - started
+        burst_calls = command_calls(client) - burst_start
+        # Background work (probe writes, flushes, resyncs) continues at its own pace; requests
+        # add nothing. Allow the idle rate over the burst's duration, doubled, plus slack.
+        assert burst_calls <= 2 * idle_rate * elapsed + 20, (burst_calls, idle_rate, elapsed)
+        assert burst_calls < requests / 10
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_sighup_adds_a_node_that_is_probed_before_it_is_trusted(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+) -> None:
+    config = live_config(geo_dbs, {"sh": nodes["sh"]})
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        wait_until(lambda: routed_to(gateway) == "sh", 5, "sh trusted")
+        full = live_config(geo_dbs, nodes)
+        gateway.config_path.write_text(json.dumps(full))
+        probes_before = len(nodes["bj"].probes())
+        gateway.signal(signal.SIGHUP)
+        gateway.wait_for_log("config reloaded: 2 nodes")
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "the new node to be trusted")
+        assert len(nodes["bj"].probes()) - probes_before >= 3
+    finally:
+        assert gateway.stop() == 0
