@@ -380,8 +380,9 @@ class ProbeSink(Protocol):
 class Prober:
     """Probes the enabled nodes round by round and publishes a verdict for each, every round.
 
-    Instances sharing a vantage share one lock, so only one of them probes at a time; the others
-    keep their memory of each node and take over with it if the lock comes to them.
+    Instances sharing a vantage share one lock, so only one of them probes at a time. An
+    instance that gains the lock starts from the verdicts the previous prober shared (via
+    ``shared_verdict``), so a handover never sends a healthy node back through ``rise``.
     """
 
     def __init__(
@@ -390,9 +391,11 @@ class Prober:
         config: ProbingConfig,
         sink: ProbeSink,
         *,
+        shared_verdict: Callable[[str, str], ProbeRecord | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._sink = sink
+        self._shared_verdict = shared_verdict
         self._clock = clock
         self._config = config
         self._nodes: dict[str, NodeConfig] = {}
@@ -411,6 +414,21 @@ class Prober:
 
     def health(self, node_id: str) -> Health | None:
         return self._health.get(node_id)
+
+    def adopt_shared_verdicts(self, vantage: str) -> None:
+        """Continue from what the previous prober of ``vantage`` published."""
+        if self._shared_verdict is None:
+            return
+        for node_id in self._nodes:
+            record = self._shared_verdict(node_id, vantage)
+            if record is not None:
+                self._health[node_id] = Health(
+                    up=record.up,
+                    probed=True,
+                    latency_ms=record.latency_ms,
+                    reason=record.reason,
+                    last_ok_at=record.last_ok_at,
+                )
 
     async def run_round(self, session: aiohttp.ClientSession) -> None:
         """Probe every enabled node once, at most ``concurrency`` at a time, and publish."""
@@ -510,8 +528,11 @@ class Prober:
                     await session.close()
                     limit = config.concurrency
                     session = new_session(limit)
+                was_held = held
                 held = config.vantage if await self._acquire_lock(config) else None
                 if held is not None:
+                    if was_held != held:
+                        self.adopt_shared_verdicts(held)
                     await self.run_round(session)
                 # Fixed cadence so slow rounds do not drift; after an overrun, start at once
                 # but do not burst to catch up on missed rounds.

@@ -117,10 +117,22 @@ def build_runtime(router: Router) -> Runtime:
     redirects = RedirectCounter()
     store: StateStore
     if config.redis.url:
-        store = RedisStore(live, redirects, config.redis, config.state, config.nodes)
+        store = RedisStore(
+            live,
+            redirects,
+            config.redis,
+            config.state,
+            config.nodes,
+            # Shared verdicts outlive a few missed rounds, so a prober handover stays seamless.
+            record_ttl_s=max(300.0, 10 * config.probing.interval_s),
+        )
     else:
         store = InProcessStore(live, redirects, config.state, config.nodes)
-    prober = Prober(config.nodes, config.probing, store) if config.probing.enabled else None
+    prober = (
+        Prober(config.nodes, config.probing, store, shared_verdict=live.probe_record)
+        if config.probing.enabled
+        else None
+    )
     return Runtime(router, store, prober)
 
 

@@ -211,6 +211,10 @@ class LiveState:
         records = self._records.get(node_id)
         return tuple(records.probes.values()) if records else ()
 
+    def probe_record(self, node_id: str, vantage: str) -> ProbeRecord | None:
+        records = self._records.get(node_id)
+        return records.probes.get(vantage) if records else None
+
     def load_record(self, node_id: str) -> LoadRecord | None:
         records = self._records.get(node_id)
         return records.load if records else None

@@ -86,6 +86,8 @@ REDIRECT_KEY_WINDOWS = 3
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 CLOSE_FLUSH_S = 1.0
+#: Longest wait for a background task or a connection to stop at shutdown.
+CLOSE_TASK_S = 2.0
 #: Seconds of idleness after which redis-py PINGs a connection before using it.
 HEALTH_CHECK_INTERVAL_S = 5
 
@@ -293,9 +295,25 @@ async def _every(interval_s: float, step: Callable[[], Awaitable[None]], what: s
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        task.cancel()
-        await asyncio.wait([task])
+    if task is None:
+        return
+    task.cancel()
+    # Shutdown must finish even if a connection hangs while closing.
+    _, pending = await asyncio.wait([task], timeout=CLOSE_TASK_S)
+    if pending:
+        logger.warning(
+            "state store: task %s did not stop within %g s", task.get_name(), CLOSE_TASK_S
+        )
+
+
+async def _close_quietly(pubsub: PubSub, client: Redis) -> None:
+    """Close a connection pair without ever hanging on a server that stopped answering."""
+    try:
+        async with asyncio.timeout(CLOSE_TASK_S):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            await client.aclose()
+    except (TimeoutError, *_REDIS_FAILURES) as exc:
+        logger.debug("state store: closing a connection failed: %s", _describe(exc))
 
 
 # --------------------------------------------------------------------------- in-process
@@ -627,8 +645,7 @@ class RedisStore:
             finally:
                 if self._client is client:
                     self._client = None
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-                await client.aclose()
+                await _close_quietly(pubsub, client)
             self._first_attempt.set()
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, BACKOFF_MAX_S)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +17,7 @@ import pytest
 import redis
 from geoworld import BEIJING_IP, GeoDBs
 from mirror_node import MirrorNode
-from processes import GatewayProcess, wait_until
+from processes import REPO, GatewayProcess, wait_until
 
 TOKEN = "test-admin-token-0123456789"
 RESOLVE = "/org/model/resolve/main/config.json"
@@ -287,5 +290,85 @@ def test_sighup_adds_a_node_that_is_probed_before_it_is_trusted(
         gateway.wait_for_log("config reloaded: 2 nodes")
         wait_until(lambda: routed_to(gateway) == "bj", 5, "the new node to be trusted")
         assert len(nodes["bj"].probes()) - probes_before >= 3
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_node_publishing_full_load_is_used_only_as_last_resort(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+) -> None:
+    config = live_config(geo_dbs, nodes)
+    for node in config["nodes"]:
+        node["load_url"] = f"{nodes[node['id']].url}/load"
+        node["capacity"] = {"connections": 100}
+    nodes["bj"].load = {"active_connections": 10}
+    nodes["sh"].load = {"active_connections": 10, "egress_mbps": 50, "capacity_mbps": 1000}
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "bj trusted")
+        wait_until(lambda: node_state(gateway, "bj")["load"] == 0.1, 3, "bj's load to be read")
+        assert node_state(gateway, "bj")["load_source"] == "status-json"
+
+        nodes["bj"].load = {"active_connections": 100}
+        wait_until(lambda: routed_to(gateway) == "sh", 3, "routing away from the full node")
+        nodes["sh"].load = {"active_connections": 150}
+        # Both full: the closer one is the last resort, rather than sending China upstream.
+        wait_until(lambda: node_state(gateway, "sh")["load"] == 1.5, 3, "sh's load to be read")
+        assert routed_to(gateway) == "bj"
+    finally:
+        assert gateway.stop() == 0
+
+
+def run_cli(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_GATEWAY_")}
+    if token:
+        env["MIRROR_GATEWAY_ADMIN_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_nodes_command_lists_and_drains(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+) -> None:
+    gateway = GatewayProcess(live_config(geo_dbs, nodes), tmp_path)
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "bj trusted")
+        listing = run_cli("nodes", "list", "--gateway", url)
+        assert listing.returncode == 0, listing.stderr
+        lines = listing.stdout.splitlines()
+        assert [line.split()[:3] for line in lines] == [
+            ["bj", "up", "active"],
+            ["sh", "up", "active"],
+        ]
+
+        drained = run_cli("nodes", "drain", "bj", "--gateway", url)
+        assert drained.returncode == 0, drained.stderr
+        assert drained.stdout.split()[:3] == ["bj", "up", "draining"]
+        assert routed_to(gateway) == "sh"
+
+        refused = run_cli("nodes", "list", "--gateway", url, token="wrong-token-0123456789")
+        assert refused.returncode == 4
+        assert "401" in refused.stderr
+        unknown = run_cli("nodes", "disable", "nope", "--gateway", url)
+        assert unknown.returncode == 4
+        assert "no configured node 'nope'" in unknown.stderr
+        assert TOKEN not in gateway.log.read_text()
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_admin_api_is_off_without_a_token(
+    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+) -> None:
+    config = live_config(geo_dbs, nodes)
+    del config["admin"]
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        status, _, body = gateway.get("/admin/nodes", {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 404
+        assert json.loads(body)["error"] == "admin_disabled"
     finally:
         assert gateway.stop() == 0

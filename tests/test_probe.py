@@ -820,3 +820,29 @@ async def test_run_follows_a_reload_that_raises_concurrency(mirror: MirrorNode) 
         await task
     # The old pool of one connection would have queued the probes (and timed them out).
     assert mirror.max_in_flight == 3
+
+
+async def test_taking_over_the_lock_continues_from_the_shared_verdict(mirror: MirrorNode) -> None:
+    shared = ProbeRecord("n1", "asia", True, "", 12.5, 999.0, 999.0)
+    sink = RecordingSink()
+    prober = Prober(
+        [mirror.node()],
+        replace(FAST, vantage="asia"),
+        sink,
+        shared_verdict=lambda node_id, vantage: (
+            shared if (node_id, vantage) == ("n1", "asia") else None
+        ),
+    )
+    await run_for(prober, 0.2)
+    # Without the shared verdict the first published verdicts would be "coming up" (down).
+    assert sink.verdicts("n1").startswith("u")
+    assert set(sink.verdicts("n1")) == {"u"}
+
+
+async def test_without_a_shared_verdict_a_new_prober_earns_trust(mirror: MirrorNode) -> None:
+    sink = RecordingSink()
+    prober = Prober(
+        [mirror.node()], replace(FAST, vantage="asia"), sink, shared_verdict=lambda n, v: None
+    )
+    await run_for(prober, 0.2)
+    assert sink.verdicts("n1").startswith("d")

@@ -316,8 +316,7 @@ async def test_garbage_in_redis_is_skipped(
         f"{PREFIX}admin:a", mapping={"node_id": "a", "mode": "off", "changed_at": "1"}
     )
     await direct.hset(f"{PREFIX}admin:b", mapping=as_hash(good_admin))
-    raw = Redis.from_url(redis_url)
-    await raw.hset(f"{PREFIX}load:b", mapping={b"node_id": b"\xff\xfe"})
+    await direct.hset(f"{PREFIX}load:b", mapping={b"node_id": b"\xff\xfe"})  # not UTF-8
 
     a = await make_store(redis_url, "a")
 
@@ -329,6 +328,8 @@ async def test_garbage_in_redis_is_skipped(
     assert a.live.admin_mode("b") == "draining"
     assert "skipping stored probe of a: missing field" in caplog.text
     assert "record names another node or vantage" in caplog.text
+    assert "skipping stored load of a: not a hash" in caplog.text
+    assert "skipping stored load of b: fields are not UTF-8" in caplog.text
 
     good = probe(up=False, at=3000.0)
     for event in (
@@ -339,10 +340,9 @@ async def test_garbage_in_redis_is_skipped(
         b'{"from": "x", "kind": "probe", "fields": {"node_id": "a"}}',
         b"[]",
     ):
-        await raw.publish(f"{PREFIX}events", event)
+        await direct.publish(f"{PREFIX}events", event)
     good_event = {"from": "x", "kind": "probe", "fields": encode_record(good)[1]}
-    await raw.publish(f"{PREFIX}events", json.dumps(good_event))
-    await raw.aclose()
+    await direct.publish(f"{PREFIX}events", json.dumps(good_event))
 
     await eventually(lambda: a.live.probe_records("a") == (good,), "the good event after garbage")
     assert a.degraded_reason is None
@@ -431,7 +431,7 @@ async def test_close_pushes_the_last_counts(
 
 
 async def test_redis_outage_degrades_and_recovers(
-    make_store: MakeStore, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    private_redis: RedisServer, make_store: MakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.store")
     a = await make_store(private_redis.url, "a")
@@ -467,7 +467,7 @@ async def test_redis_outage_degrades_and_recovers(
 
 
 async def test_a_hung_redis_costs_one_command_timeout(
-    make_store: MakeStore, private_redis: RedisServer
+    private_redis: RedisServer, make_store: MakeStore
 ) -> None:
     a = await make_store(private_redis.url, "a")
 
@@ -487,7 +487,7 @@ async def test_a_hung_redis_costs_one_command_timeout(
 
 
 async def test_start_with_redis_down_returns_at_once_and_recovers(
-    make_store: MakeStore, private_redis: RedisServer, redis_url: str
+    private_redis: RedisServer, make_store: MakeStore
 ) -> None:
     await asyncio.to_thread(private_redis.stop)
 
