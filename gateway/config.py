@@ -29,6 +29,7 @@ CacheMode = Literal["private", "cdn-geo"]
 TierName = Literal["asn", "country", "continent", "any"]
 ProbeMethod = Literal["GET", "HEAD"]
 LoadFormat = Literal["json", "prometheus"]
+Freshness = Literal["strict", "bounded"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TIER_ORDER: tuple[TierName, ...] = get_args(TierName)
@@ -77,6 +78,34 @@ class GeoIPConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     url: str = "https://huggingface.co"
+    #: Metadata calls (repo info, tree, paths-info) give up after this long.
+    api_timeout_s: float = 10.0
+    #: Largest request body passed through to the upstream API (paths-info forms and the like).
+    max_request_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogConfig:
+    #: How long a moving ref (branch, tag, PR) is taken to point at the commit last seen.
+    ref_ttl_s: float = 60.0
+    #: How long commit-keyed data is kept in Redis (it never changes).
+    commit_ttl_s: float = 7 * 86400.0
+    #: Repository revisions held in memory (LRU).
+    memory_entries: int = 4096
+    #: Most tree pages read for one revision.
+    max_pages: int = 200
+    #: ``Retry-After`` sent when upstream is unreachable and nothing is cached.
+    retry_after_s: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    #: How often node manifests are read and sampled.
+    interval_s: float = 60.0
+    #: Files checked per node and round: a HEAD against the catalog's size and etag ...
+    verify_samples: int = 3
+    #: ... plus a full sha256 of sampled files up to this size.
+    verify_max_bytes: int = 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +221,12 @@ class NodeConfig:
     #: Where the node publishes its load (absolute URL); see README "Node load".
     load_url: str | None = None
     load_format: LoadFormat = "json"
+    #: Where the node publishes which commits it holds; unset: it is taken to hold everything.
+    manifest_url: str | None = None
+    #: strict: serve only the exact commit asked for. bounded: for a moving ref, the node may
+    #: serve its own latest synced commit of that ref if synced less than max_lag_s ago.
+    freshness: Freshness = "strict"
+    max_lag_s: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +241,8 @@ class GatewayConfig:
     probing: ProbingConfig = field(default_factory=ProbingConfig)
     state: StateConfig = field(default_factory=StateConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     nodes: tuple[NodeConfig, ...] = ()
 
 
@@ -518,6 +555,35 @@ def _state(s: _Section) -> StateConfig:
     )
 
 
+def _upstream(s: _Section) -> UpstreamConfig:
+    d = UpstreamConfig()
+    return UpstreamConfig(
+        url=s.get("url", d.url, _http_url),
+        api_timeout_s=s.get("api_timeout_s", d.api_timeout_s, _float(0.1, 600.0)),
+        max_request_bytes=s.get("max_request_bytes", d.max_request_bytes, _int(1024, 2**30)),
+    )
+
+
+def _catalog(s: _Section) -> CatalogConfig:
+    d = CatalogConfig()
+    return CatalogConfig(
+        ref_ttl_s=s.get("ref_ttl_s", d.ref_ttl_s, _float(0.0, 86400.0)),
+        commit_ttl_s=s.get("commit_ttl_s", d.commit_ttl_s, _float(60.0, 365 * 86400.0)),
+        memory_entries=s.get("memory_entries", d.memory_entries, _int(1, 10_000_000)),
+        max_pages=s.get("max_pages", d.max_pages, _int(1, 100_000)),
+        retry_after_s=s.get("retry_after_s", d.retry_after_s, _int(1, 3600)),
+    )
+
+
+def _sync(s: _Section) -> SyncConfig:
+    d = SyncConfig()
+    return SyncConfig(
+        interval_s=s.get("interval_s", d.interval_s, _float(0.05, 86400.0)),
+        verify_samples=s.get("verify_samples", d.verify_samples, _int(0, 1000)),
+        verify_max_bytes=s.get("verify_max_bytes", d.verify_max_bytes, _int(0, 2**34)),
+    )
+
+
 def _admin(s: _Section) -> AdminConfig:
     token = s.get("token", os.environ.get(ADMIN_TOKEN_ENV_VAR) or None, _str)
     if token is not None and len(token) < 16:
@@ -531,6 +597,7 @@ def _admin(s: _Section) -> AdminConfig:
 _NODE_KEYS = (
     "id", "url", "kind", "country", "continent", "latitude", "longitude", "asns", "weight",
     "capacity", "serves", "url_template", "enabled", "probe", "load_url", "load_format",
+    "manifest_url", "freshness", "max_lag_s",
 )  # fmt: skip
 
 
@@ -580,6 +647,9 @@ def _node(value: object, key: str, default_probe: ProbeSpec) -> NodeConfig:
         else None,
         load_url=s.get("load_url", None, _http_url),
         load_format=s.get("load_format", "json", _choice(get_args(LoadFormat))),
+        manifest_url=s.get("manifest_url", None, _http_url),
+        freshness=s.get("freshness", "strict", _choice(get_args(Freshness))),
+        max_lag_s=s.get("max_lag_s", 86400.0, _float(0.0, 365 * 86400.0)),
     )
 
 
@@ -603,17 +673,15 @@ def config_from_mapping(data: object) -> GatewayConfig:
         server=_server(top.section("server", _keys(ServerConfig))),
         client_ip=_client_ip(top.section("client_ip", _keys(ClientIPConfig))),
         geoip=_geoip(top.section("geoip", _keys(GeoIPConfig))),
-        upstream=UpstreamConfig(
-            url=top.section("upstream", _keys(UpstreamConfig)).get(
-                "url", UpstreamConfig().url, _http_url
-            )
-        ),
+        upstream=_upstream(top.section("upstream", _keys(UpstreamConfig))),
         routing=_routing(top.section("routing", _keys(RoutingConfig))),
         responses=_responses(top.section("responses", _keys(ResponsesConfig))),
         redis=_redis(top.section("redis", _keys(RedisConfig))),
         probing=probing,
         state=_state(top.section("state", _keys(StateConfig))),
         admin=_admin(top.section("admin", _keys(AdminConfig))),
+        catalog=_catalog(top.section("catalog", _keys(CatalogConfig))),
+        sync=_sync(top.section("sync", _keys(SyncConfig))),
         nodes=top.get("nodes", (), lambda v, k: _nodes(v, k, probing.probe)),
     )
     if config.responses.cache_mode == "cdn-geo" and config.client_ip.cdn_country_header is None:
