@@ -13,7 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.http import RUNTIME, Runtime, json_error
+from gateway.answers import json_error
+from gateway.http import RUNTIME, Runtime
 from gateway.state import AdminMode, AdminRecord
 from gateway.store import StoreUnavailable
 

@@ -56,6 +56,9 @@ class ServerConfig:
     max_path_bytes: int = 4096
     #: Longest accepted request line or header field; longer ones get a JSON 4xx.
     max_header_bytes: int = 8190
+    #: The gateway's own public base URL, used in pagination links it hands out. Unset: taken
+    #: from each request's Host.
+    public_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +444,7 @@ def _server(s: _Section) -> ServerConfig:
         port=s.get("port", d.port, _int(0, 65535)),
         max_path_bytes=s.get("max_path_bytes", d.max_path_bytes, _int(256, 65536)),
         max_header_bytes=s.get("max_header_bytes", d.max_header_bytes, _int(1024, 65536)),
+        public_url=s.get("public_url", None, _http_url),
     )
 
 

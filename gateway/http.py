@@ -7,11 +7,11 @@ malformed requests the HTTP parser rejects are rendered as JSON by ``server.py``
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.answers import json_error
 from gateway.clientip import ForwardingHeaders
 from gateway.config import ClientIPConfig
 from gateway.hfpath import PathError, parse_resolve_path
@@ -19,7 +19,6 @@ from gateway.probe import Prober
 from gateway.router import PRIVATE_CACHE_CONTROL, Router
 from gateway.store import StateStore
 
-JSON_CONTENT_TYPE = "application/json"
 ALLOWED_METHODS = "GET, HEAD"
 NODE_HEADER = "X-Mirror-Node"
 UPSTREAM_NODE_NAME = "upstream"
@@ -47,17 +46,6 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_error(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps({"error": code, "message": message}),
-        content_type=JSON_CONTENT_TYPE,
-        headers=headers,
-    )
 
 
 def _describe_path(raw_path: str) -> str:

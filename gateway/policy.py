@@ -43,6 +43,7 @@ ExclusionReason = Literal[
     "beyond_max_tier",
     "down",
     "draining",
+    "missing_revision",
     "at_capacity",
 ]
 ChoiceReason = Literal[
@@ -164,8 +165,13 @@ def filter_nodes(
     client: Location,
     statuses: NodeStatuses,
     policy: RoutingConfig,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Filtered:
-    """Split nodes into candidates (sorted best first), a reserve, and exclusions with reasons."""
+    """Split nodes into candidates (sorted best first), a reserve, and exclusions with reasons.
+
+    ``unavailable`` names the nodes that cannot serve the requested revision, with the reason.
+    """
+    unavailable = unavailable or {}
     max_tier = Tier(TIER_ORDER.index(policy.max_tier))
     accepted: list[Candidate] = []
     reserve: list[Candidate] = []
@@ -183,6 +189,10 @@ def filter_nodes(
             continue
         if status.draining:
             excluded.append(Exclusion(node, "draining", "draining: takes no new clients"))
+            continue
+        missing = unavailable.get(node.id)
+        if missing is not None:
+            excluded.append(Exclusion(node, "missing_revision", missing))
             continue
         miss = _service_area_miss(node, client)
         if miss is not None:
@@ -290,8 +300,9 @@ def decide(
     *,
     key: str = "",
     recent: Mapping[str, int] | None = None,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Decision:
-    filtered = filter_nodes(nodes, client, statuses, policy)
+    filtered = filter_nodes(nodes, client, statuses, policy, unavailable)
     excluded = tuple(filtered.excluded)
     chosen = choose(filtered.accepted, policy, rng, key=key, recent=recent)
     if chosen is not None:

@@ -27,6 +27,8 @@ class Route:
     location: Location
     decision: Decision
     url: str
+    #: The revision the redirect names: the commit the chosen node (or upstream) serves.
+    revision: str
     #: True only when the answer depends on nothing but the path and the CDN country header.
     shared_cacheable: bool
 
@@ -65,8 +67,15 @@ class Router:
         client: ClientAddress,
         statuses: NodeStatuses = NO_LIVE_STATE,
         recent: Mapping[str, int] | None = None,
+        unavailable: Mapping[str, str] | None = None,
+        node_revisions: Mapping[str, str] | None = None,
     ) -> Route:
-        """Route one request; ``recent`` counts redirects per node for cache balancing."""
+        """Route one request for ``ref`` (pinned to upstream's commit when known).
+
+        ``recent`` counts redirects per node for cache balancing; ``unavailable`` names nodes
+        that cannot serve this revision and why; ``node_revisions`` names nodes that would
+        serve another commit than ``ref.revision`` (bounded freshness).
+        """
         location, from_cdn_only = self.locate(client)
         decision = decide(
             self.config.nodes,
@@ -76,9 +85,14 @@ class Router:
             self._rng,
             key=f"{ref.repo_type}/{ref.repo_id}/{ref.revision}/{ref.filename}",
             recent=recent,
+            unavailable=unavailable,
         )
         if decision.node is None:
-            url = upstream_url(self.config.upstream.url, ref)
-        else:
-            url = node_url(decision.node, ref)
-        return Route(client, location, decision, url, from_cdn_only)
+            return Route(
+                client, location, decision, upstream_url(self.config.upstream.url, ref),
+                ref.revision, from_cdn_only,
+            )  # fmt: skip
+        revision = (node_revisions or {}).get(decision.node.id, ref.revision)
+        pinned = ref if revision == ref.revision else ref.with_revision(revision)
+        url = node_url(decision.node, pinned)
+        return Route(client, location, decision, url, revision, from_cdn_only)

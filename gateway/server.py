@@ -19,10 +19,11 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from gateway.answers import json_error
 from gateway.app import create_app
 from gateway.config import ConfigError, GatewayConfig
 from gateway.geo import GeoDataError, MaxMindLocator
-from gateway.http import RUNTIME, Runtime, json_error
+from gateway.http import RUNTIME, Runtime
 from gateway.probe import Prober
 from gateway.router import Router
 from gateway.state import LiveState, RedirectCounter
