@@ -13,19 +13,22 @@ from gateway.http import RUNTIME, Runtime, healthz, read_only, readyz, resolve
 
 
 async def _run_background(app: web.Application) -> AsyncIterator[None]:
-    """Start shared state and probing with the app; stop them (prober first) with it."""
+    """Start shared state, the catalog and the periodic tasks with the app; stop them with it."""
     runtime = app[RUNTIME]
     await runtime.store.start()
-    probing = (
-        asyncio.create_task(runtime.prober.run(), name="prober")
-        if runtime.prober is not None
-        else None
-    )
+    await runtime.catalog.start()
+    await runtime.proxy.start()
+    tasks = [asyncio.create_task(runtime.sync.run(), name="sync")]
+    if runtime.prober is not None:
+        tasks.append(asyncio.create_task(runtime.prober.run(), name="prober"))
     yield
-    if probing is not None:
-        probing.cancel()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
-            await probing
+            await task
+    await runtime.proxy.close()
+    await runtime.catalog.close()
     await runtime.store.close()
 
 

@@ -7,40 +7,60 @@ malformed requests the HTTP parser rejects are rendered as JSON by ``server.py``
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.answers import json_error
+from gateway.answers import catalog_error, json_error, redirect_headers
+from gateway.catalog import Catalog, CatalogError, RepoRevision, entry_for
 from gateway.clientip import ForwardingHeaders
-from gateway.config import ClientIPConfig
-from gateway.hfpath import PathError, parse_resolve_path
+from gateway.config import ClientIPConfig, ServerConfig
+from gateway.hfpath import FileRef, PathError, parse_resolve_path, resolve_path_for
 from gateway.probe import Prober
 from gateway.router import PRIVATE_CACHE_CONTROL, Router
 from gateway.store import StateStore
+from gateway.sync import SyncTracker
+from gateway.upstream import Rewrite, UpstreamError, UpstreamProxy
 
 ALLOWED_METHODS = "GET, HEAD"
-NODE_HEADER = "X-Mirror-Node"
+API_PREFIX = "/api/"
+#: Catalog answers that may change with the client's token.
+_NEEDS_TOKEN = frozenset({"RepoNotFound", "GatedRepo"})
+#: Upstream answers whose JSON entries may carry ``xetHash``.
+_ENTRIES_API = re.compile(r"^/api/(?:models|datasets|spaces|kernels)/.+/(?:tree|paths-info)/")
 UPSTREAM_NODE_NAME = "upstream"
 
 
 class Runtime:
-    """What requests read: the router in force and the live node state.
+    """What requests read: the router in force, live node state, the catalog and node sync.
 
-    A config reload swaps the router in one assignment; the store and prober live as long as
-    the process.
+    A config reload swaps the router in one assignment; the rest lives as long as the process.
     """
 
-    def __init__(self, router: Router, store: StateStore, prober: Prober | None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        store: StateStore,
+        prober: Prober | None,
+        catalog: Catalog,
+        sync: SyncTracker,
+        proxy: UpstreamProxy,
+    ) -> None:
         self.router = router
         self.store = store
         self.prober = prober
+        self.catalog = catalog
+        self.sync = sync
+        self.proxy = proxy
 
     def adopt(self, router: Router) -> None:
         self.router = router
         self.store.reconfigure(router.config.nodes)
         if self.prober is not None:
             self.prober.reconfigure(router.config.nodes, router.config.probing)
+        self.sync.reconfigure(router.config.nodes, router.config.sync)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -104,10 +124,36 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _public_origin(request: web.Request, config: ServerConfig) -> str:
+    if config.public_url:
+        return config.public_url
+    return f"{request.scheme}://{request.host}"
+
+
+async def _revision(runtime: Runtime, ref: FileRef) -> RepoRevision:
+    """The catalog entry, from memory when it is there (no await on the common path)."""
+    catalog = runtime.catalog
+    known = catalog.peek(ref.repo_type, ref.repo_id, ref.revision)
+    return (
+        known if known is not None else await catalog.get(ref.repo_type, ref.repo_id, ref.revision)
+    )
+
+
+async def _to_upstream(request: web.Request, runtime: Runtime, target: str) -> web.StreamResponse:
+    try:
+        return await runtime.proxy.forward(
+            request, target, public_origin=_public_origin(request, runtime.router.config.server)
+        )
+    except UpstreamError as exc:
+        return json_error(exc.status, "upstream_error", exc.message, {"Retry-After": "5"})
+
+
 async def resolve(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     router = runtime.router
     raw_path = request.rel_url.raw_path
+    if raw_path.startswith(API_PREFIX):
+        return await api(request)
     try:
         ref = parse_resolve_path(raw_path, router.config.server.max_path_bytes)
     except PathError as exc:
@@ -121,19 +167,68 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         )
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed(request)
+    try:
+        revision = await _revision(runtime, ref)
+        if revision.upstream_only:
+            # Private and gated files need the client's token: only upstream may see it.
+            return await _to_upstream(request, runtime, resolve_path_for(ref))
+        meta = entry_for(revision, ref.filename)
+    except CatalogError as exc:
+        if exc.error_code in _NEEDS_TOKEN and "Authorization" in request.headers:
+            # Hidden from our tokenless catalog (private, or gated files), but maybe not from
+            # this client's token: upstream decides.
+            return await _to_upstream(request, runtime, resolve_path_for(ref))
+        return catalog_error(exc)
+    pinned = ref.with_revision(revision.commit)
+    unavailable, node_revisions = runtime.sync.availability(
+        router.config.nodes, pinned, ref.revision, time.time()
+    )
     client = router.resolver.resolve(
         request.remote, forwarding_headers(request, router.config.client_ip)
     )
     store = runtime.store
-    route = router.route(ref, client, store.live.statuses, store.redirects.current)
+    route = router.route(
+        pinned, client, store.live.statuses, store.redirects.current, unavailable, node_revisions
+    )
     node = route.decision.node
+    if route.revision != revision.commit:
+        try:
+            meta = entry_for(
+                await _revision(runtime, ref.with_revision(route.revision)), ref.filename
+            )
+        except CatalogError as exc:
+            return catalog_error(exc)
     if node is not None:
         store.redirects.count(node.id)
-    headers = {"Location": route.url, NODE_HEADER: node.id if node else UPSTREAM_NODE_NAME}
+    headers = redirect_headers(
+        route.url,
+        route.revision,
+        meta,
+        PRIVATE_CACHE_CONTROL,
+        node.id if node else UPSTREAM_NODE_NAME,
+    )
     if route.shared_cacheable:
         headers["Cache-Control"] = router.shared_cache_control
         # cdn-geo mode guarantees the header is configured (checked at config load).
         headers["Vary"] = router.config.client_ip.cdn_country_header or ""
-    else:
-        headers["Cache-Control"] = PRIVATE_CACHE_CONTROL
     return web.Response(status=302, headers=headers)
+
+
+async def api(request: web.Request) -> web.StreamResponse:
+    """Metadata calls go to upstream; tree and paths-info come back without Xet hashes."""
+    runtime = request.app[RUNTIME]
+    raw_path = request.rel_url.raw_path
+    if len(raw_path) > runtime.router.config.server.max_path_bytes:
+        return json_error(414, "path_too_long", "request path too long")
+    if any(part in ("..", ".") for part in raw_path.split("/")) or "%2e" in raw_path.lower():
+        return json_error(400, "path_traversal", f"dot segments in {_describe_path(raw_path)}")
+    rewrite: Rewrite = "entries" if _ENTRIES_API.match(raw_path) else "stream"
+    try:
+        return await runtime.proxy.forward(
+            request,
+            request.rel_url.raw_path_qs,
+            public_origin=_public_origin(request, runtime.router.config.server),
+            rewrite=rewrite,
+        )
+    except UpstreamError as exc:
+        return json_error(exc.status, "upstream_error", exc.message, {"Retry-After": "5"})

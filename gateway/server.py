@@ -21,6 +21,7 @@ from aiohttp.web_server import Server
 
 from gateway.answers import json_error
 from gateway.app import create_app
+from gateway.catalog import Catalog
 from gateway.config import ConfigError, GatewayConfig
 from gateway.geo import GeoDataError, MaxMindLocator
 from gateway.http import RUNTIME, Runtime
@@ -28,6 +29,8 @@ from gateway.probe import Prober
 from gateway.router import Router
 from gateway.state import LiveState, RedirectCounter
 from gateway.store import InProcessStore, RedisStore, StateStore
+from gateway.sync import SyncTracker
+from gateway.upstream import UpstreamProxy
 
 log = logging.getLogger("gateway.server")
 
@@ -134,7 +137,11 @@ def build_runtime(router: Router) -> Runtime:
         if config.probing.enabled
         else None
     )
-    return Runtime(router, store, prober)
+    catalog = Catalog(
+        config.upstream, config.catalog, redis_url=config.redis.url, redis_config=config.redis
+    )
+    sync = SyncTracker(config.nodes, config.sync, catalog, timeout_s=config.probing.timeout_s)
+    return Runtime(router, store, prober, catalog, sync, UpstreamProxy(config.upstream))
 
 
 #: Settings read once at start; a reload that changes them only warns.

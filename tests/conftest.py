@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub
 from geoworld import GeoDBs, build_asn_db, build_city_db
 from redis_server import RedisServer, free_port
 
@@ -55,3 +56,13 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------- upstream hub
+
+
+@pytest.fixture(scope="session")
+def fake_hub() -> Iterator[FakeHub]:
+    """A local Hugging Face upstream with the standard repos, Xet bait included."""
+    with FakeHub() as hub:
+        yield hub

@@ -1,4 +1,4 @@
-"""A real HTTP mirror node on loopback, in its own thread and event loop.
+"""A plain HTTP mirror node on loopback for live-state tests (health, load, files).
 
 Its behaviour is switched from the test (health status, delay, published load, files), and
 every request it receives is recorded, so tests assert what the node itself saw.
@@ -7,11 +7,11 @@ every request it receives is recorded, so tests assert what the node itself saw.
 from __future__ import annotations
 
 import asyncio
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from threaded_server import ThreadedServer
 
 
 @dataclass(frozen=True)
@@ -21,41 +21,26 @@ class SeenRequest:
     headers: dict[str, str]
 
 
-@dataclass
-class MirrorNode:
-    name: str = "node"
-    health_status: int = 200
-    health_delay_s: float = 0.0
-    load: dict[str, Any] | None = None
-    files: dict[str, bytes] = field(default_factory=dict)
-    seen: list[SeenRequest] = field(default_factory=list)
-    port: int = 0
+class MirrorNode(ThreadedServer):
+    thread_name = "mirror-node"
 
-    def __post_init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"node-{self.name}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError(f"mirror node {self.name} did not start")
+    def __init__(self, name: str = "node") -> None:
+        self.name = name
+        self.health_status = 200
+        self.health_delay_s = 0.0
+        self.load: dict[str, Any] | None = None
+        self.files: dict[str, bytes] = {}
+        self.seen: list[SeenRequest] = []
+        super().__init__()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.ports['node']}"
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    def _sites(self) -> dict[str, web.Application]:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        self._loop.run_until_complete(site.start())
-        server = site._server
-        assert server is not None and server.sockets
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
+        return {"node": app}
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(SeenRequest(request.method, request.path, dict(request.headers)))
@@ -74,15 +59,3 @@ class MirrorNode:
 
     def probes(self) -> list[SeenRequest]:
         return [r for r in self.seen if r.path == "/health"]
-
-    def downloads(self) -> list[SeenRequest]:
-        return [r for r in self.seen if r.path not in ("/health", "/load")]
-
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from fake_hub import FakeHub
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig, GeoIPConfig, config_from_mapping
@@ -17,6 +18,11 @@ from gateway.geo import MaxMindLocator
 from gateway.router import Router
 from gateway.server import GatewayRunner, build_runtime, handler_limits
 
+CONFIG_JSON = "/acme/tiny-model/resolve/main/config.json"
+MAIN = "853a9daf2c349f8a4b3e618a2961885a5d4f0429"
+V1 = "b0bb8d53facbcb75661ed8accd838c06854a92f5"
+PR_1 = "3a8caadcefd2fb6ab39bc0fe735009cd20bb33fe"
+DATA_MAIN = "42b145c2c9aaa06ed8fb3e3a6ae44ab45e3b9023"
 BEIJING_IP = "1.2.3.4"
 US_IP = "3.3.3.3"
 TOKYO_IP = "6.6.6.6"
@@ -51,9 +57,11 @@ class GatewayTestServer(TestServer):
         return GatewayRunner(self.app, **kwargs)
 
 
-def gateway_config(geoip: GeoIPConfig, **sections: Any) -> GatewayConfig:
+def gateway_config(geoip: GeoIPConfig, upstream: str, **sections: Any) -> GatewayConfig:
     # These nodes are not real servers: take them as up rather than probing them.
-    base = config_from_mapping({"nodes": NODES, "probing": {"enabled": False}, **sections})
+    base = config_from_mapping(
+        {"nodes": NODES, "probing": {"enabled": False}, "upstream": {"url": upstream}, **sections}
+    )
     return replace(base, geoip=geoip)
 
 
@@ -61,9 +69,10 @@ def gateway_config(geoip: GeoIPConfig, **sections: Any) -> GatewayConfig:
 def make_client(
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     geoip_config: GeoIPConfig,
+    fake_hub: FakeHub,
 ) -> MakeClient:
     async def make(**sections: Any) -> TestClient[web.Request, web.Application]:
-        config = gateway_config(geoip_config, **sections)
+        config = gateway_config(geoip_config, fake_hub.url, **sections)
         router = Router(config, MaxMindLocator(config.geoip), random.Random(1))
         server = GatewayTestServer(create_app(build_runtime(router)))
         return await aiohttp_client(server, server_kwargs=handler_limits(config))
@@ -87,55 +96,58 @@ async def test_beijing_client_behind_trusted_proxy_goes_to_domestic_node(
     make_client: MakeClient,
 ) -> None:
     client = await make_client()
-    status, headers, _ = await get(
-        client, "/Qwen/Qwen2-7B/resolve/main/config.json", **{"X-Forwarded-For": BEIJING_IP}
-    )
+    status, headers, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
     assert status == 302
-    assert headers["Location"] == "https://bj.mirror.test/Qwen/Qwen2-7B/resolve/main/config.json"
+    assert (
+        headers["Location"] == f"https://bj.mirror.test/acme/tiny-model/resolve/{MAIN}/config.json"
+    )
     assert headers["Cache-Control"] == "private, no-store"
     assert headers["X-Mirror-Node"] == "bj"
     assert "Vary" not in headers
 
 
-async def test_us_client_goes_upstream(make_client: MakeClient) -> None:
+async def test_us_client_goes_upstream(make_client: MakeClient, fake_hub: FakeHub) -> None:
     client = await make_client()
     for method in ("GET", "HEAD"):
-        status, headers, _ = await get(
-            client, "/gpt2/resolve/main/config.json", method, **{"X-Forwarded-For": US_IP}
-        )
+        status, headers, _ = await get(client, CONFIG_JSON, method, **{"X-Forwarded-For": US_IP})
         assert status == 302
-        assert headers["Location"] == "https://huggingface.co/gpt2/resolve/main/config.json"
+        assert headers["Location"] == f"{fake_hub.url}/acme/tiny-model/resolve/{MAIN}/config.json"
         assert headers["X-Mirror-Node"] == "upstream"
 
 
 async def test_hong_kong_is_not_served_by_mainland_node(make_client: MakeClient) -> None:
     client = await make_client()
-    _, headers, _ = await get(client, "/a/b/resolve/main/f", **{"X-Forwarded-For": HONG_KONG_IP})
-    assert headers["Location"].startswith("https://huggingface.co/")
+    _, headers, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": HONG_KONG_IP})
+    assert headers["X-Mirror-Node"] == "upstream"
 
 
 async def test_untrusted_peer_cannot_spoof_its_location(make_client: MakeClient) -> None:
     client = await make_client(client_ip={"trusted_proxies": ["10.0.0.0/8"]})
-    status, headers, _ = await get(client, "/a/b/resolve/main/f", **{"X-Forwarded-For": BEIJING_IP})
+    status, headers, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
     assert status == 302
     assert headers["X-Mirror-Node"] == "upstream"
 
 
 URL_CASES = [
     (
-        "dataset-pr-ref",
-        "/datasets/org/data/resolve/refs%2Fpr%2F1/train/part%200.parquet",
-        "https://bj.mirror.test/datasets/org/data/resolve/refs%2Fpr%2F1/train/part%200.parquet",
+        "dataset",
+        "/datasets/acme/data/resolve/main/data/train-00000.parquet",
+        f"https://bj.mirror.test/datasets/acme/data/resolve/{DATA_MAIN}/data/train-00000.parquet",
     ),
     (
-        "space-commit",
-        "/spaces/org/app/resolve/0123456789abcdef0123456789abcdef01234567/app.py",
-        "https://bj.mirror.test/spaces/org/app/resolve/0123456789abcdef0123456789abcdef01234567/app.py",
+        "pr-ref-pinned-to-its-commit",
+        "/acme/tiny-model/resolve/refs%2Fpr%2F1/pr-notes.txt",
+        f"https://bj.mirror.test/acme/tiny-model/resolve/{PR_1}/pr-notes.txt",
     ),
     (
-        "legacy-unicode-and-specials",
-        "/gpt2/resolve/main/%E4%B8%AD%E6%96%87/a%20b%23c%3F.json",
-        "https://bj.mirror.test/gpt2/resolve/main/%E4%B8%AD%E6%96%87/a%20b%23c%3F.json",
+        "tag",
+        "/acme/tiny-model/resolve/v1.0/config.json",
+        f"https://bj.mirror.test/acme/tiny-model/resolve/{V1}/config.json",
+    ),
+    (
+        "spaces-in-nested-path",
+        "/acme/tiny-model/resolve/main/nested%20dir/with%20spaces/tokenizer.json",
+        f"https://bj.mirror.test/acme/tiny-model/resolve/{MAIN}/nested%20dir/with%20spaces/tokenizer.json",
     ),
 ]
 
@@ -155,17 +167,21 @@ async def test_location_keeps_hf_encoding(
 async def test_node_url_template(make_client: MakeClient) -> None:
     client = await make_client()
     _, headers, _ = await get(
-        client, "/datasets/o/d/resolve/v1.0/x.bin", **{"X-Forwarded-For": TOKYO_IP}
+        client, "/datasets/acme/data/resolve/main/README.md", **{"X-Forwarded-For": TOKYO_IP}
     )
-    assert headers["Location"] == "http://tk.mirror.test:8080/base/hf/dataset/o/d/v1.0/x.bin"
+    assert headers["Location"] == (
+        f"http://tk.mirror.test:8080/base/hf/dataset/acme/data/{DATA_MAIN}/README.md"
+    )
 
 
 async def test_query_string_never_reaches_location(make_client: MakeClient) -> None:
     client = await make_client()
     _, headers, _ = await get(
-        client, "/a/b/resolve/main/f?next=https://evil.test/", **{"X-Forwarded-For": US_IP}
+        client, CONFIG_JSON + "?next=https://evil.test/", **{"X-Forwarded-For": BEIJING_IP}
     )
-    assert headers["Location"] == "https://huggingface.co/a/b/resolve/main/f"
+    assert (
+        headers["Location"] == f"https://bj.mirror.test/acme/tiny-model/resolve/{MAIN}/config.json"
+    )
 
 
 async def raw_exchange(host: str, port: int, request: bytes) -> tuple[int, bytes, dict[str, str]]:
@@ -215,7 +231,7 @@ async def test_bad_paths_get_json_errors(
 
 async def test_methods_other_than_get_and_head(make_client: MakeClient) -> None:
     client = await make_client()
-    for path in ("/a/b/resolve/main/f", "/healthz", "/readyz"):
+    for path in (CONFIG_JSON, "/healthz", "/readyz"):
         status, headers, payload = await get(client, path, "POST")
         assert status == 405
         assert headers["Allow"] == "GET, HEAD"
@@ -237,12 +253,12 @@ CDN = {"cdn_country_header": "cf-ipcountry", "cdn_client_ip_header": "cf-connect
 
 async def test_cdn_geo_mode_makes_redirects_cacheable_per_country(make_client: MakeClient) -> None:
     client = await make_client(client_ip=CDN, responses={"cache_mode": "cdn-geo", "max_age": 30})
-    _, headers, _ = await get(client, "/a/b/resolve/main/f", **{"CF-IPCountry": "CN"})
+    _, headers, _ = await get(client, CONFIG_JSON, **{"CF-IPCountry": "CN"})
     assert headers["Location"].startswith("https://bj.mirror.test/")
     assert headers["Cache-Control"] == "public, max-age=30"
     assert headers["Vary"] == "cf-ipcountry"
     # Without the CDN's answer the route depends on the IP: never shared.
-    _, headers, _ = await get(client, "/a/b/resolve/main/f", **{"X-Forwarded-For": BEIJING_IP})
+    _, headers, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
     assert headers["Location"].startswith("https://bj.mirror.test/")
     assert headers["Cache-Control"] == "private, no-store"
     assert "Vary" not in headers
@@ -252,12 +268,12 @@ async def test_cdn_headers_in_private_mode(make_client: MakeClient) -> None:
     client = await make_client(client_ip=CDN)
     # The CDN's client IP wins over X-Forwarded-For from a trusted peer.
     _, headers, _ = await get(
-        client, "/a/b/resolve/main/f", **{"CF-Connecting-IP": BEIJING_IP, "X-Forwarded-For": US_IP}
+        client, CONFIG_JSON, **{"CF-Connecting-IP": BEIJING_IP, "X-Forwarded-For": US_IP}
     )
     assert headers["X-Mirror-Node"] == "bj"
     # The CDN's country wins over the GeoIP country.
     _, headers, _ = await get(
-        client, "/a/b/resolve/main/f", **{"X-Forwarded-For": US_IP, "CF-IPCountry": "jp"}
+        client, CONFIG_JSON, **{"X-Forwarded-For": US_IP, "CF-IPCountry": "jp"}
     )
     assert headers["X-Mirror-Node"] == "tk"
     assert headers["Cache-Control"] == "private, no-store"

@@ -9,18 +9,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from fake_hub import FakeHub
 from geoworld import BEIJING_IP, GeoDBs
 from mirror_node import MirrorNode
 from processes import REPO, GatewayProcess, wait_until
 
 TOKEN = "test-admin-token-0123456789"
-RESOLVE = "/org/model/resolve/main/config.json"
+RESOLVE = "/acme/tiny-model/resolve/main/config.json"
 FROM_BEIJING = {"X-Forwarded-For": BEIJING_IP}
 
 
@@ -32,11 +33,31 @@ def nodes() -> Iterator[dict[str, MirrorNode]]:
         node.stop()
 
 
+MakeConfig = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def make_config(geo_dbs: GeoDBs, fake_hub: FakeHub) -> MakeConfig:
+    """Gateway configs for these nodes, with the test GeoIP data and the local upstream."""
+
+    def make(
+        nodes: dict[str, MirrorNode], redis_url: str | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        return live_config(geo_dbs, fake_hub.url, nodes, redis_url, **extra)
+
+    return make
+
+
 def live_config(
-    geo: GeoDBs, nodes: dict[str, MirrorNode], redis_url: str | None = None, **extra: Any
+    geo: GeoDBs,
+    upstream: str,
+    nodes: dict[str, MirrorNode],
+    redis_url: str | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     coordinates = {"bj": (39.9042, 116.4074), "sh": (31.2304, 121.4737)}
     return {
+        "upstream": {"url": upstream},
         "geoip": {"city_db": str(geo.city), "asn_db": str(geo.asn)},
         "probing": {
             "interval_s": 0.1,
@@ -98,9 +119,9 @@ def node_state(gateway: GatewayProcess, node_id: str) -> dict[str, Any]:
 
 
 def test_failing_node_is_routed_around_and_returns_after_rise_good_probes(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], tmp_path: Path
 ) -> None:
-    gateway = GatewayProcess(live_config(geo_dbs, nodes), tmp_path)
+    gateway = GatewayProcess(make_config(nodes), tmp_path)
     try:
         wait_until(lambda: routed_to(gateway) == "bj", 5, "the Beijing node to be trusted")
         assert len(nodes["bj"].probes()) >= 3  # trusted only after `rise` good probes
@@ -123,9 +144,9 @@ def test_failing_node_is_routed_around_and_returns_after_rise_good_probes(
 
 
 def test_probes_identify_themselves_and_follow_no_redirects(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], tmp_path: Path
 ) -> None:
-    gateway = GatewayProcess(live_config(geo_dbs, nodes), tmp_path)
+    gateway = GatewayProcess(make_config(nodes), tmp_path)
     try:
         wait_until(lambda: len(nodes["sh"].probes()) >= 2, 5, "probes")
         user_agent = nodes["sh"].probes()[0].headers["User-Agent"]
@@ -145,9 +166,9 @@ def two_gateways(config: dict[str, Any], tmp_path: Path) -> tuple[GatewayProcess
 
 
 def test_drain_on_one_instance_is_seen_by_the_other(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
 ) -> None:
-    a, b = two_gateways(live_config(geo_dbs, nodes, redis_url), tmp_path)
+    a, b = two_gateways(make_config(nodes, redis_url), tmp_path)
     try:
         for gateway in (a, b):
             wait_until(lambda g=gateway: routed_to(g) == "bj", 5, "both instances to trust bj")
@@ -172,10 +193,10 @@ def prober_lock_owner(client: redis.Redis) -> str | None:
 
 
 def test_one_prober_per_vantage_and_handover_when_it_stops(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    a, b = two_gateways(live_config(geo_dbs, nodes, redis_url), tmp_path)
+    a, b = two_gateways(make_config(nodes, redis_url), tmp_path)
     try:
         wait_until(lambda: prober_lock_owner(client) is not None, 5, "a prober to be elected")
         # Two instances, one prober: over a second, about one probe per interval, not two.
@@ -205,9 +226,9 @@ def test_one_prober_per_vantage_and_handover_when_it_stops(
 
 
 def test_redis_outage_keeps_routing_and_converges_after_restart(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], private_redis: Any, tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], private_redis: Any, tmp_path: Path
 ) -> None:
-    a, b = two_gateways(live_config(geo_dbs, nodes, private_redis.url), tmp_path)
+    a, b = two_gateways(make_config(nodes, private_redis.url), tmp_path)
     try:
         for gateway in (a, b):
             wait_until(lambda g=gateway: routed_to(g) == "bj", 5, "bj trusted")
@@ -250,10 +271,10 @@ def command_calls(client: redis.Redis) -> int:
 
 
 def test_no_redis_command_per_request(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    gateway = GatewayProcess(live_config(geo_dbs, nodes, redis_url), tmp_path)
+    gateway = GatewayProcess(make_config(nodes, redis_url), tmp_path)
     try:
         wait_until(lambda: routed_to(gateway) == "bj", 5, "bj trusted")
         requests = 1000
@@ -277,13 +298,13 @@ def test_no_redis_command_per_request(
 
 
 def test_sighup_adds_a_node_that_is_probed_before_it_is_trusted(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], tmp_path: Path
 ) -> None:
-    config = live_config(geo_dbs, {"sh": nodes["sh"]})
+    config = make_config({"sh": nodes["sh"]})
     gateway = GatewayProcess(config, tmp_path)
     try:
         wait_until(lambda: routed_to(gateway) == "sh", 5, "sh trusted")
-        full = live_config(geo_dbs, nodes)
+        full = make_config(nodes)
         gateway.config_path.write_text(json.dumps(full))
         probes_before = len(nodes["bj"].probes())
         gateway.signal(signal.SIGHUP)
@@ -295,9 +316,9 @@ def test_sighup_adds_a_node_that_is_probed_before_it_is_trusted(
 
 
 def test_node_publishing_full_load_is_used_only_as_last_resort(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], tmp_path: Path
 ) -> None:
-    config = live_config(geo_dbs, nodes)
+    config = make_config(nodes)
     for node in config["nodes"]:
         node["load_url"] = f"{nodes[node['id']].url}/load"
         node["capacity"] = {"connections": 100}
@@ -330,9 +351,9 @@ def run_cli(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProces
 
 
 def test_nodes_command_lists_and_drains(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], tmp_path: Path
 ) -> None:
-    gateway = GatewayProcess(live_config(geo_dbs, nodes), tmp_path)
+    gateway = GatewayProcess(make_config(nodes), tmp_path)
     url = f"http://127.0.0.1:{gateway.port}"
     try:
         wait_until(lambda: routed_to(gateway) == "bj", 5, "bj trusted")
@@ -361,9 +382,9 @@ def test_nodes_command_lists_and_drains(
 
 
 def test_admin_api_is_off_without_a_token(
-    geo_dbs: GeoDBs, nodes: dict[str, MirrorNode], tmp_path: Path
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], tmp_path: Path
 ) -> None:
-    config = live_config(geo_dbs, nodes)
+    config = make_config(nodes)
     del config["admin"]
     gateway = GatewayProcess(config, tmp_path)
     try:

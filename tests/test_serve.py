@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from fake_hub import FakeHub
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processes import REPO, GatewayProcess, http, request
@@ -20,30 +21,43 @@ EXAMPLE_CONFIG = REPO / "config" / "gateway.yaml"
 # In the bundled GeoLite2 City build: Beijing (China Unicom) and a US address.
 BUNDLED_BEIJING_IP = "202.106.0.20"
 BUNDLED_US_IP = "8.8.8.8"
+MAIN = "853a9daf2c349f8a4b3e618a2961885a5d4f0429"
+CONFIG_JSON = "/acme/tiny-model/resolve/main/config.json"
+PINNED_CONFIG_JSON = f"/acme/tiny-model/resolve/{MAIN}/config.json"
+
+
+def example_config(upstream: str) -> dict[str, Any]:
+    """The shipped example, with upstream moved to the local hub (this machine is offline)."""
+    config: dict[str, Any] = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    config["upstream"]["url"] = upstream
+    return config
 
 
 @pytest.fixture(scope="module")
-def example_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(EXAMPLE_CONFIG, tmp_path_factory.mktemp("serve"))
+def example_gateway(
+    tmp_path_factory: pytest.TempPathFactory, fake_hub: FakeHub
+) -> Iterator[GatewayProcess]:
+    gateway = GatewayProcess(example_config(fake_hub.url), tmp_path_factory.mktemp("serve"))
     yield gateway
     assert gateway.stop() == 0
 
 
 def test_readme_demo_beijing_to_domestic_node_us_to_upstream(
-    example_gateway: GatewayProcess,
+    example_gateway: GatewayProcess, fake_hub: FakeHub
 ) -> None:
     status, headers, _ = http(
         example_gateway.port,
-        request("HEAD", "/gpt2/resolve/main/config.json", {"X-Forwarded-For": BUNDLED_BEIJING_IP}),
+        request("HEAD", CONFIG_JSON, {"X-Forwarded-For": BUNDLED_BEIJING_IP}),
     )
     assert status == 302
-    assert headers["location"] == "https://bj.hf-mirror.example.cn/gpt2/resolve/main/config.json"
+    assert headers["location"] == f"https://bj.hf-mirror.example.cn{PINNED_CONFIG_JSON}"
+    assert headers["x-repo-commit"] == MAIN
     status, headers, _ = http(
         example_gateway.port,
-        request("HEAD", "/gpt2/resolve/main/config.json", {"X-Forwarded-For": BUNDLED_US_IP}),
+        request("HEAD", CONFIG_JSON, {"X-Forwarded-For": BUNDLED_US_IP}),
     )
     assert status == 302
-    assert headers["location"] == "https://huggingface.co/gpt2/resolve/main/config.json"
+    assert headers["location"] == f"{fake_hub.url}{PINNED_CONFIG_JSON}"
 
 
 def test_startup_warns_that_bundled_geoip_data_is_stale(example_gateway: GatewayProcess) -> None:
@@ -51,11 +65,14 @@ def test_startup_warns_that_bundled_geoip_data_is_stale(example_gateway: Gateway
     assert "geoip.city_db" in example_gateway.log.read_text()
 
 
-def test_sighup_reload_applies_good_config_and_refuses_bad(tmp_path: Path) -> None:
+def test_sighup_reload_applies_good_config_and_refuses_bad(
+    tmp_path: Path, fake_hub: FakeHub
+) -> None:
     config_file = tmp_path / "gateway.yaml"
-    shutil.copy(EXAMPLE_CONFIG, config_file)
+    config = example_config(fake_hub.url)
+    config_file.write_text(yaml.safe_dump(config))
     gateway = GatewayProcess(config_file, tmp_path)
-    beijing = request("GET", "/a/b/resolve/main/f", {"X-Forwarded-For": BUNDLED_BEIJING_IP})
+    beijing = request("GET", CONFIG_JSON, {"X-Forwarded-For": BUNDLED_BEIJING_IP})
     try:
         config_file.write_text("routing: {max_tier: galaxy}\n")
         gateway.signal(signal.SIGHUP)
@@ -63,7 +80,6 @@ def test_sighup_reload_applies_good_config_and_refuses_bad(tmp_path: Path) -> No
         assert "routing.max_tier" in gateway.log.read_text()
         assert http(gateway.port, beijing)[1]["x-mirror-node"] == "cn-beijing"
 
-        config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
         config["nodes"] = [n for n in config["nodes"] if n["id"] != "cn-beijing"]
         config_file.write_text(yaml.safe_dump(config))
         gateway.signal(signal.SIGHUP)
@@ -103,8 +119,7 @@ def test_explain_command_names_every_node() -> None:
     }
 
 
-ALLOWED_BASES = (
-    "https://huggingface.co/",
+NODE_BASES = (
     "https://bj.hf-mirror.example.cn/",
     "https://sh.hf-mirror.example.cn/",
     "https://gz.hf-cache.example.cn/",
@@ -133,12 +148,16 @@ header_names = st.sampled_from(
     method=st.sampled_from(["GET", "HEAD", "POST", "DELETE"]),
 )
 def test_any_request_gets_a_redirect_to_a_configured_base_or_a_json_4xx(
-    example_gateway: GatewayProcess, pieces: list[str], headers: dict[str, str], method: str
+    example_gateway: GatewayProcess,
+    fake_hub: FakeHub,
+    pieces: list[str],
+    headers: dict[str, str],
+    method: str,
 ) -> None:
     target = "/" + "/".join(pieces)
     status, response_headers, body = http(example_gateway.port, request(method, target, headers))
     if status == 302:
-        assert response_headers["location"].startswith(ALLOWED_BASES)
+        assert response_headers["location"].startswith((*NODE_BASES, fake_hub.url + "/"))
     else:
         assert 400 <= status < 500, (target, status, body)
         assert "location" not in response_headers

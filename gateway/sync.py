@@ -1,0 +1,939 @@
+"""Node sync tracking: which commits each mirror node holds, checked against upstream.
+
+A mirror that lags one commit behind must never be sent a request for the newer commit. Each
+node with a ``manifest_url`` publishes there what it holds; the gateway reads it every
+``sync.interval_s``, checks a few sampled files against the catalog (upstream's own metadata)
+and against the node's actual bytes, and routes a request to a node only for a commit it holds
+and that has not failed verification.
+
+Manifest format (JSON, UTF-8, at most ``max_bytes``)::
+
+    {"node": "bj", "generated_at": 1732500000.0,
+     "repos": [{"type": "model", "id": "acme/tiny-model",
+                "refs": {"main": "<40-hex sha>"},
+                "commits": {"<40-hex sha>": {"synced_at": 1732400000.0,
+                                             "files": [{"path": "config.json", "size": 123,
+                                                        "sha256": "<64 hex>"}]}}}]}
+
+- ``node``: the node's id as configured in the gateway; a manifest of another node is refused.
+- ``generated_at``, ``synced_at``: Unix times (numbers >= 0) of the node's clock.
+- ``type``: ``model``, ``dataset`` or ``space``; ``id``: the repository id as in resolve URLs.
+- ``refs`` (optional): a ref name (branch, tag, ``refs/pr/N``) -> the node's latest synced
+  commit of it.
+- ``commits``: a commit sha -> when the node finished syncing it and the files it holds of it
+  (``size`` in bytes, ``sha256`` of the content, both lowercase hex).
+
+Parsing is strict: a wrong type, a missing key, a malformed sha or path, a key given twice or a
+repository, commit or file listed twice refuses the whole manifest with a ``ManifestError``
+naming the JSON path of the problem (``$.repos[0].commits["1a2b..."].files[2].size``). Unknown
+keys are ignored, so nodes may publish more than this.
+
+Routing rules (``servable_commit``): a node without a manifest is taken to hold everything, and
+a cache node pulls through what it lacks; a node with a manifest serves a commit it holds with
+the file, unless that commit failed verification; a ``bounded`` node asked for a moving ref may
+instead serve its own latest synced commit of that ref if synced less than ``max_lag_s`` ago.
+
+State is per gateway instance, not shared through Redis: a manifest is read once a minute or so
+per node, and a verification is a handful of small requests, so every instance recomputing
+them costs the nodes little, while sharing would add a Redis schema and a failure mode for
+data each instance can get for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol, get_args
+
+import aiohttp
+
+from gateway.catalog import CatalogError, RepoRevision, is_commit_sha
+from gateway.config import NodeConfig, SyncConfig
+from gateway.hfpath import FileRef, PathError, RepoType, parse_resolve_path, resolve_path_for
+from gateway.targets import node_url
+
+USER_AGENT = "mirror-gateway-sync/0.1"
+
+#: Largest manifest read (``SyncConfig`` has no key for it yet). About 300k files; the parsed
+#: form takes several times this in memory.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+#: ``Servable.reason`` of a node with a manifest URL whose manifest has not been read yet.
+MANIFEST_NOT_READ = "manifest not read yet"
+
+#: (type, repository id)
+RepoKey = tuple[RepoType, str]
+#: (type, repository id, commit)
+CommitKey = tuple[RepoType, str, str]
+#: (type, repository id, commit, file path)
+Sample = tuple[RepoType, str, str, str]
+
+_READ_CHUNK_BYTES = 64 * 1024
+_DETAIL_MAX_CHARS = 120
+_SHORT_SHA = 7
+_SHA256_HEX = 64
+_HEX_DIGITS = frozenset("0123456789abcdef")
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+# Compressed answers would change both the HEAD size and the bytes hashed; huggingface_hub asks
+# for identity too, so this checks what clients get.
+_IDENTITY = {"Accept-Encoding": "identity"}
+_REPO_TYPES: Mapping[str, RepoType] = {name: name for name in get_args(RepoType)}
+_JSON_TYPES: tuple[tuple[type, str], ...] = (
+    (dict, "object"),
+    (list, "array"),
+    (str, "string"),
+    (bool, "boolean"),
+    (int, "number"),
+    (float, "number"),
+)
+
+_log = logging.getLogger("gateway.sync")
+
+
+class ManifestError(Exception):
+    """A node manifest that cannot be had or used; the message says where and why."""
+
+
+# --------------------------------------------------------------------------- holdings
+
+
+@dataclass(frozen=True, slots=True)
+class CommitHolding:
+    #: When the node finished syncing this commit (node's clock).
+    synced_at: float
+    #: path -> (size, sha256)
+    files: Mapping[str, tuple[int, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHoldings:
+    node_id: str
+    #: (type, repo) -> commit -> holding
+    commits: Mapping[RepoKey, Mapping[str, CommitHolding]]
+    #: (type, repo) -> ref -> the node's latest synced commit of it
+    refs: Mapping[RepoKey, Mapping[str, str]]
+    #: When the gateway read the manifest (gateway's clock).
+    fetched_at: float
+    #: When the node wrote it (node's clock).
+    generated_at: float
+
+
+_NO_COMMITS: Mapping[str, CommitHolding] = MappingProxyType({})
+_NO_REFS: Mapping[str, str] = MappingProxyType({})
+_NO_FAILURES: Mapping[CommitKey, str] = MappingProxyType({})
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _RepeatedKey(dict[str, object]):
+    """A JSON object that gave a key twice; reported once its JSON path is known."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, pairs: list[tuple[str, object]], key: str) -> None:
+        super().__init__(pairs)
+        self.key = key
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    data = dict(pairs)
+    if len(data) == len(pairs):
+        return data
+    counts = Counter(key for key, _ in pairs)
+    return _RepeatedKey(pairs, next(key for key, n in counts.items() if n > 1))
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_type(value: object) -> str:
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), "null")
+
+
+def _entry(where: str, key: str) -> str:
+    # Data keys (refs, commits) go in brackets: they may hold dots, slashes or start with a digit.
+    return f"{where}[{json.dumps(key)}]"
+
+
+def _object(value: object, where: str) -> Mapping[str, object]:
+    if isinstance(value, _RepeatedKey):
+        raise ManifestError(f"manifest {where}: key {value.key!r} appears more than once")
+    if not isinstance(value, dict):
+        raise ManifestError(f"manifest {where}: expected an object, got {_json_type(value)}")
+    return value
+
+
+def _array(value: object, where: str) -> list[object]:
+    if not isinstance(value, list):
+        raise ManifestError(f"manifest {where}: expected an array, got {_json_type(value)}")
+    return value
+
+
+def _required(data: Mapping[str, object], name: str, where: str) -> object:
+    if name not in data:
+        raise ManifestError(f"manifest {where}.{name}: missing")
+    return data[name]
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"manifest {where}: expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _time(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ManifestError(f"manifest {where}: expected a Unix time, got {_show(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and number >= 0):
+        raise ManifestError(f"manifest {where}: expected a finite Unix time >= 0, got {value}")
+    return number
+
+
+def _size(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ManifestError(f"manifest {where}: expected an integer >= 0, got {_show(value)}")
+    return value
+
+
+def _commit(value: str, where: str) -> str:
+    if not is_commit_sha(value):
+        raise ManifestError(f"manifest {where}: {_show(value)} is not a 40-hex lowercase commit")
+    return value
+
+
+def _sha256(value: object, where: str) -> str:
+    if not (isinstance(value, str) and len(value) == _SHA256_HEX and set(value) <= _HEX_DIGITS):
+        raise ManifestError(
+            f"manifest {where}: expected 64 lowercase hex digits, got {_show(value)}"
+        )
+    return value
+
+
+def _repo_type(value: object, where: str) -> RepoType:
+    repo_type = _REPO_TYPES.get(value) if isinstance(value, str) else None
+    if repo_type is not None:
+        return repo_type
+    allowed = ", ".join(_REPO_TYPES)
+    raise ManifestError(f"manifest {where}: {_show(value)} is not allowed; allowed: {allowed}")
+
+
+def _repo_id(value: object, repo_type: RepoType, where: str) -> str:
+    repo_id = _string(value, where)
+    # Round-trip through the request grammar: an id that no resolve URL can name could never be
+    # asked for, and verification puts it into a node URL unencoded.
+    probe = FileRef(repo_type, repo_id, "main", "f")
+    try:
+        parsed = parse_resolve_path(resolve_path_for(probe))
+    except PathError:
+        parsed = None
+    if parsed != probe:
+        raise ManifestError(f"manifest {where}: {_show(value)} is not a valid repository id")
+    return repo_id
+
+
+def _file_path(value: object, where: str) -> str:
+    path = _string(value, where)
+    if _CONTROL_CHAR.search(path):
+        problem = "contains a control character"
+    elif "\\" in path:
+        problem = "contains a backslash"
+    elif path[0] == "/" or path[-1] == "/" or "//" in path:
+        problem = "has an empty path segment"
+    elif any(part in (".", "..") for part in path.split("/")):
+        problem = "has a '.' or '..' segment"
+    else:
+        return path
+    raise ManifestError(f"manifest {where}: {_show(value)} {problem}")
+
+
+def _commit_holding(value: object, where: str) -> CommitHolding:
+    data = _object(value, where)
+    synced_at = _time(_required(data, "synced_at", where), f"{where}.synced_at")
+    files: dict[str, tuple[int, str]] = {}
+    first_at: dict[str, int] = {}
+    listed = _array(_required(data, "files", where), f"{where}.files")
+    for i, item in enumerate(listed):
+        at = f"{where}.files[{i}]"
+        entry = _object(item, at)
+        path = _file_path(_required(entry, "path", at), f"{at}.path")
+        if path in files:
+            raise ManifestError(
+                f"manifest {at}.path: {path!r} is listed again (first at files[{first_at[path]}])"
+            )
+        size = _size(_required(entry, "size", at), f"{at}.size")
+        files[path] = (size, _sha256(_required(entry, "sha256", at), f"{at}.sha256"))
+        first_at[path] = i
+    return CommitHolding(synced_at=synced_at, files=files)
+
+
+def parse_manifest(node_id: str, body: bytes, now: float, max_bytes: int) -> NodeHoldings:
+    """Read a node's manifest (format in the module docstring); raises ManifestError."""
+    if len(body) > max_bytes:
+        raise ManifestError(f"manifest: more than {max_bytes} bytes")
+    try:
+        data = json.loads(
+            body.decode("utf-8"), object_pairs_hook=_json_object, parse_constant=_reject_constant
+        )
+    except UnicodeDecodeError:
+        raise ManifestError("manifest: body is not UTF-8") from None
+    except RecursionError:
+        raise ManifestError("manifest: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise ManifestError(f"manifest: not valid JSON ({exc})") from None
+
+    top = _object(data, "$")
+    named = _string(_required(top, "node", "$"), "$.node")
+    if named != node_id:
+        raise ManifestError(f"manifest $.node: {named!r} is another node than {node_id!r}")
+    generated_at = _time(_required(top, "generated_at", "$"), "$.generated_at")
+    commits: dict[RepoKey, Mapping[str, CommitHolding]] = {}
+    refs: dict[RepoKey, Mapping[str, str]] = {}
+    first_at: dict[RepoKey, int] = {}
+    for i, item in enumerate(_array(_required(top, "repos", "$"), "$.repos")):
+        at = f"$.repos[{i}]"
+        repo = _object(item, at)
+        repo_type = _repo_type(_required(repo, "type", at), f"{at}.type")
+        key = (repo_type, _repo_id(_required(repo, "id", at), repo_type, f"{at}.id"))
+        if key in first_at:
+            raise ManifestError(
+                f"manifest {at}: {_label(key)} is listed again (first at $.repos[{first_at[key]}])"
+            )
+        first_at[key] = i
+        if repo.get("refs") is not None:
+            refs_at = f"{at}.refs"
+            refs[key] = {
+                _string(name, _entry(refs_at, name)): _commit(
+                    _string(commit, _entry(refs_at, name)), _entry(refs_at, name)
+                )
+                for name, commit in _object(repo["refs"], refs_at).items()
+            }
+        commits_at = f"{at}.commits"
+        commits[key] = {
+            _commit(commit, _entry(commits_at, commit)): _commit_holding(
+                holding, _entry(commits_at, commit)
+            )
+            for commit, holding in _object(_required(repo, "commits", at), commits_at).items()
+        }
+    return NodeHoldings(
+        node_id=node_id, commits=commits, refs=refs, fetched_at=now, generated_at=generated_at
+    )
+
+
+# --------------------------------------------------------------------------- routing rules
+
+
+@dataclass(frozen=True, slots=True)
+class Servable:
+    #: The commit this node would serve, None if it can serve none.
+    commit: str | None
+    #: Why not, for exclusions and explain; empty when servable.
+    reason: str
+
+
+def _short(commit: str) -> str:
+    return commit[:_SHORT_SHA]
+
+
+def _label(key: RepoKey) -> str:
+    repo_type, repo_id = key
+    return repo_id if repo_type == "model" else f"{repo_type} {repo_id}"
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
+
+
+def _failed_reason(commit: str, reason: str) -> str:
+    return f"failed verification of {_short(commit)}: {reason}"
+
+
+def _holding_problem(
+    holding: CommitHolding, failure: str | None, key: RepoKey, commit: str, path: str
+) -> str | None:
+    if failure is not None:
+        return _failed_reason(commit, failure)
+    if path not in holding.files:
+        return f"does not hold {path} at commit {_short(commit)} of {_label(key)}"
+    return None
+
+
+def _not_held(
+    commits: Mapping[str, CommitHolding], own: str | None, key: RepoKey, commit: str
+) -> str:
+    if not commits:
+        return f"does not hold {_label(key)}"
+    # Its commit of the ref asked for says most; else the one it synced last.
+    held = (
+        own
+        if own is not None and own in commits
+        else max(commits, key=lambda c: commits[c].synced_at)
+    )
+    return f"does not hold commit {_short(commit)} of {_label(key)} (holds {_short(held)})"
+
+
+def _own_problem(
+    node: NodeConfig,
+    commits: Mapping[str, CommitHolding],
+    failed: Mapping[CommitKey, str],
+    key: RepoKey,
+    ref: str,
+    own: str | None,
+    path: str,
+    now: float,
+) -> str | None:
+    """Why a bounded node may not serve its own latest synced commit ``own`` of ``ref``."""
+    if own is None:
+        return f"has no synced {ref} of {_label(key)}"
+    holding = commits.get(own)
+    if holding is None:
+        return f"its latest synced {ref} {_short(own)} is not among its commits"
+    age = now - holding.synced_at
+    if age > node.max_lag_s:
+        return f"latest synced {ref} is {_age(age)} old (max_lag_s {node.max_lag_s:g})"
+    return _holding_problem(holding, failed.get((*key, own)), key, own, path)
+
+
+def servable_commit(
+    node: NodeConfig,
+    holdings: NodeHoldings | None,
+    failed: Mapping[CommitKey, str],
+    repo_type: RepoType,
+    repo_id: str,
+    requested: str,
+    upstream_commit: str,
+    path: str,
+    now: float,
+) -> Servable:
+    """The commit ``node`` would serve for ``path`` at ``requested``, or why it serves none.
+
+    ``upstream_commit`` is what ``requested`` resolves to upstream; ``failed`` holds this node's
+    commits that failed verification, with the reason.
+    """
+    if node.kind == "cache":
+        # A cache pulls through what it lacks; only a copy known to be corrupt rules it out.
+        failure = failed.get((repo_type, repo_id, upstream_commit))
+        if failure is not None:
+            return Servable(None, _failed_reason(upstream_commit, failure))
+        return Servable(upstream_commit, "")
+    if node.manifest_url is None:
+        return Servable(upstream_commit, "")
+    if holdings is None:
+        return Servable(None, MANIFEST_NOT_READ)
+    key = (repo_type, repo_id)
+    commits = holdings.commits.get(key, _NO_COMMITS)
+    moving = not is_commit_sha(requested)
+    own = holdings.refs.get(key, _NO_REFS).get(requested) if moving else None
+    holding = commits.get(upstream_commit)
+    if holding is None:
+        reason = _not_held(commits, own, key, upstream_commit)
+    else:
+        problem = _holding_problem(
+            holding, failed.get((repo_type, repo_id, upstream_commit)), key, upstream_commit, path
+        )
+        if problem is None:
+            return Servable(upstream_commit, "")
+        reason = problem
+    if node.freshness == "strict" or not moving or own == upstream_commit:
+        return Servable(None, reason)
+    problem = _own_problem(node, commits, failed, key, requested, own, path, now)
+    if problem is None:
+        return Servable(own, "")
+    return Servable(None, f"{reason}; {problem}")
+
+
+def holds_exactly(holdings: NodeHoldings | None, key: RepoKey, commit: str, path: str) -> bool:
+    """Whether the node's manifest lists ``path`` at ``commit``: a cache that does is preferred."""
+    if holdings is None:
+        return False
+    holding = holdings.commits.get(key, _NO_COMMITS).get(commit)
+    return holding is not None and path in holding.files
+
+
+def pick_samples(holdings: NodeHoldings, count: int, rng: random.Random) -> list[Sample]:
+    """Up to ``count`` distinct files, uniformly over every (commit, file) the node lists.
+
+    Deterministic given ``rng`` and the manifest's order; costs O(commits + files of the commits
+    hit), so a large manifest is not copied to draw three files.
+    """
+    entries = [
+        (key, commit, holding)
+        for key, by_commit in holdings.commits.items()
+        for commit, holding in by_commit.items()
+    ]
+    total = sum(len(holding.files) for _, _, holding in entries)
+    chosen = sorted(rng.sample(range(total), min(count, total)))
+    samples: list[Sample] = []
+    start = 0
+    for (repo_type, repo_id), commit, holding in entries:
+        end = start + len(holding.files)
+        indices = [i - start for i in chosen if start <= i < end]
+        if indices:
+            paths = list(holding.files)
+            samples.extend((repo_type, repo_id, commit, paths[i]) for i in indices)
+        start = end
+    return samples
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class CommitLookup(Protocol):
+    """Upstream's metadata of a revision: the catalog."""
+
+    async def get(self, repo_type: RepoType, repo_id: str, revision: str) -> RepoRevision:
+        """Raises catalog.CatalogError."""
+        ...
+
+
+class _Inconclusive(Exception):
+    """A check that says nothing about the node's data: upstream or the transport failed."""
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The sync HTTP client; call from a coroutine and close it when done."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), headers={"User-Agent": USER_AGENT}
+    )
+
+
+def _brief(exc: BaseException) -> str:
+    """A short one-line description of a network error."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        exc = exc.os_error
+    if isinstance(exc, aiohttp.ClientResponseError):
+        text = exc.message
+    elif isinstance(exc, ConnectionError) and exc.errno:
+        # asyncio's own text repeats the address ("Connect call failed ('10.0.0.1', 443)").
+        text = os.strerror(exc.errno)
+    else:
+        text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= _DETAIL_MAX_CHARS else text[: _DETAIL_MAX_CHARS - 3] + "..."
+
+
+async def _body_chunks(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """The body in chunks, stopping once ``limit`` bytes have come: never read unbounded."""
+    left = limit
+    while left > 0:
+        chunk = await content.read(min(left, _READ_CHUNK_BYTES))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+async def fetch_manifest(
+    session: aiohttp.ClientSession, node: NodeConfig, timeout_s: float, max_bytes: int, now: float
+) -> NodeHoldings:
+    """Read and parse ``node.manifest_url``; any failure, network or format, is a ManifestError."""
+    if node.manifest_url is None:
+        raise ValueError(f"node {node.id} has no manifest_url")
+    try:
+        async with session.get(
+            node.manifest_url,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            # Like the prober: the configured URL is the one that counts.
+            allow_redirects=False,
+            headers={"Accept": "application/json"},
+        ) as response:
+            if response.status != 200:
+                raise ManifestError(f"manifest: status {response.status}")
+            body = b"".join([c async for c in _body_chunks(response.content, max_bytes + 1)])
+    except TimeoutError:
+        raise ManifestError("manifest: timeout") from None
+    except OSError as exc:  # aiohttp.ClientConnectorError among them
+        raise ManifestError(f"manifest: connect error: {_brief(exc)}") from None
+    except aiohttp.ClientError as exc:
+        raise ManifestError(f"manifest: bad response: {_brief(exc)}") from None
+    # Tens of megabytes of JSON take a while to parse: not in the event loop serving redirects.
+    return await asyncio.to_thread(parse_manifest, node.id, body, now, max_bytes)
+
+
+async def _check_sample(
+    session: aiohttp.ClientSession,
+    node: NodeConfig,
+    sample: Sample,
+    holdings: NodeHoldings,
+    catalog: CommitLookup,
+    max_hash_bytes: int,
+    timeout_s: float,
+) -> str | None:
+    """None if the sample checks out, else why not; raises _Inconclusive when it cannot tell."""
+    repo_type, repo_id, commit, path = sample
+    size, sha256 = holdings.commits[(repo_type, repo_id)][commit].files[path]
+    try:
+        revision = await catalog.get(repo_type, repo_id, commit)
+    except CatalogError as exc:
+        raise _Inconclusive(f"catalog: {exc.message}") from None
+    meta = revision.files.get(path)
+    if meta is None:
+        return f"{path} is not in upstream's file list"
+    if meta.size != size:
+        return f"manifest size {size} != upstream size {meta.size} for {path}"
+    # An LFS etag is the sha256 of the content; a plain git file's is its blob sha1.
+    if meta.lfs and meta.etag != sha256:
+        return f"manifest sha256 != upstream LFS etag for {path}"
+
+    url = node_url(node, FileRef(repo_type, repo_id, commit, path))
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with session.head(
+            url, allow_redirects=False, timeout=timeout, headers=_IDENTITY
+        ) as response:
+            status, length = response.status, response.content_length
+        if status >= 500:
+            raise _Inconclusive(f"HEAD status {status}")
+        if 200 <= status < 300:
+            if length is None:
+                return f"HEAD without Content-Length for {path}"
+            if length != size:
+                return f"HEAD Content-Length {length} != size {size} for {path}"
+        # A redirect to the node's storage is fine; the GET below follows it.
+        elif not 300 <= status < 400:
+            return f"HEAD status {status} for {path}"
+        if size > max_hash_bytes:
+            return None
+
+        content = hashlib.sha256()
+        blob = None if meta.lfs else hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
+        read = 0
+        async with session.get(url, timeout=timeout, headers=_IDENTITY) as response:
+            if response.status >= 500:
+                raise _Inconclusive(f"GET status {response.status}")
+            if response.status != 200:
+                return f"GET status {response.status} for {path}"
+            async for chunk in _body_chunks(response.content, size + 1):
+                read += len(chunk)
+                content.update(chunk)
+                if blob is not None:
+                    blob.update(chunk)
+    except TimeoutError:
+        raise _Inconclusive("timeout") from None
+    except OSError as exc:
+        raise _Inconclusive(f"connect error: {_brief(exc)}") from None
+    except aiohttp.ClientError as exc:
+        raise _Inconclusive(f"bad response: {_brief(exc)}") from None
+    if read > size:
+        return f"GET body over {size} bytes for {path}"
+    if read < size:
+        return f"GET body {read} bytes != size {size} for {path}"
+    if content.hexdigest() != sha256:
+        return f"sha256 mismatch for {path}"
+    # The manifest's sha256 of a git file cannot be checked against upstream; its blob sha1 can.
+    if blob is not None and blob.hexdigest() != meta.etag:
+        return f"git blob sha1 mismatch for {path}"
+    return None
+
+
+def _describe(sample: Sample) -> str:
+    repo_type, repo_id, commit, path = sample
+    return f"{path} at {_short(commit)} of {_label((repo_type, repo_id))}"
+
+
+async def verify_sample(
+    session: aiohttp.ClientSession,
+    node: NodeConfig,
+    sample: Sample,
+    holdings: NodeHoldings,
+    catalog: CommitLookup,
+    max_hash_bytes: int,
+    timeout_s: float,
+) -> str | None:
+    """None if ``sample`` (taken from ``holdings``) checks out, else the failure reason.
+
+    Upstream's metadata must agree with the manifest, the node's HEAD with the size and, for
+    files up to ``max_hash_bytes``, the node's bytes with the sha256 (and a git file's with
+    upstream's blob sha1). When upstream, or the node's transport, fails, nothing is learned
+    about the node's data: that is None too, and the next round tries again.
+    """
+    try:
+        return await _check_sample(
+            session, node, sample, holdings, catalog, max_hash_bytes, timeout_s
+        )
+    except _Inconclusive as exc:
+        _log.debug("node %s: could not verify %s: %s", node.id, _describe(sample), exc)
+        return None
+
+
+# --------------------------------------------------------------------------- tracker
+
+
+class SyncTracker:
+    """Reads every node's manifest and verifies samples of it, round by round.
+
+    ``holdings`` and ``failed`` are read on the request path (through ``servable``) and replaced
+    one node at a time by the rounds; ``version`` is bumped whenever either changes.
+
+    A commit fails verification with the file that failed; it is cleared when that same file
+    verifies again (a good check of another file says nothing about the broken one). Failed
+    files are re-checked first each round, at most ``verify_samples`` of them.
+    """
+
+    def __init__(
+        self,
+        nodes: Sequence[NodeConfig],
+        config: SyncConfig,
+        catalog: CommitLookup,
+        *,
+        timeout_s: float,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+    ) -> None:
+        self._catalog = catalog
+        self._timeout_s = timeout_s
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._max_manifest_bytes = max_manifest_bytes
+        self._config = config
+        self._nodes: dict[str, NodeConfig] = {}
+        #: node id -> latest good manifest
+        self.holdings: dict[str, NodeHoldings] = {}
+        #: node id -> (type, repo, commit) -> why it failed verification
+        self.failed: dict[str, dict[CommitKey, str]] = {}
+        # node id -> (type, repo, commit) -> path -> reason: what must verify again to clear.
+        self._failed_files: dict[str, dict[CommitKey, dict[str, str]]] = {}
+        self.version = 0
+        self.reconfigure(nodes, config)
+
+    def reconfigure(self, nodes: Sequence[NodeConfig], config: SyncConfig) -> None:
+        """Adopt a reloaded config; a node keeps what is known of it while its manifest URL
+        stays the same (a new URL may describe another machine)."""
+        old = self._nodes
+        self._config = config
+        self._nodes = {n.id: n for n in nodes if n.enabled and n.manifest_url is not None}
+        kept = {
+            node_id
+            for node_id, node in self._nodes.items()
+            if node_id in old and old[node_id].manifest_url == node.manifest_url
+        }
+        self.holdings = {k: v for k, v in self.holdings.items() if k in kept}
+        self.failed = {k: v for k, v in self.failed.items() if k in kept}
+        self._failed_files = {k: v for k, v in self._failed_files.items() if k in kept}
+        self.version += 1
+
+    def failed_for(self, node_id: str) -> Mapping[CommitKey, str]:
+        return self.failed.get(node_id, _NO_FAILURES)
+
+    def servable(
+        self,
+        node: NodeConfig,
+        repo_type: RepoType,
+        repo_id: str,
+        requested: str,
+        upstream_commit: str,
+        path: str,
+        now: float,
+    ) -> Servable:
+        return servable_commit(
+            node,
+            self.holdings.get(node.id),
+            self.failed_for(node.id),
+            repo_type,
+            repo_id,
+            requested,
+            upstream_commit,
+            path,
+            now,
+        )
+
+    def availability(
+        self, nodes: Sequence[NodeConfig], pinned: FileRef, requested: str, now: float
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """For a file pinned to upstream's commit: the nodes that cannot serve it, with why,
+        and the nodes that would serve another commit of the requested ref (bounded freshness).
+        """
+        unavailable: dict[str, str] = {}
+        other_commit: dict[str, str] = {}
+        for node in nodes:
+            servable = self.servable(
+                node,
+                pinned.repo_type,
+                pinned.repo_id,
+                requested,
+                pinned.revision,
+                pinned.filename,
+                now,
+            )
+            if servable.commit is None:
+                unavailable[node.id] = servable.reason
+            elif servable.commit != pinned.revision:
+                other_commit[node.id] = servable.commit
+        return unavailable, other_commit
+
+    async def run_round(self, session: aiohttp.ClientSession) -> None:
+        """Read every manifest and verify samples of each, nodes concurrently."""
+        config = self._config
+        nodes = list(self._nodes.values())
+        # One node's unforeseen error (a bug, a catalog error outside its contract) must cost
+        # neither the other nodes their round nor ``run`` its loop, so errors come back as
+        # results and are logged here. (A TaskGroup would cancel the siblings, and on 3.11 a
+        # failing child can swallow the cancellation of the round itself.)
+        results = await asyncio.gather(
+            *(self._sync_node(session, node, config) for node in nodes), return_exceptions=True
+        )
+        for node, result in zip(nodes, results, strict=True):
+            if isinstance(result, BaseException):
+                _log.error("node %s: sync round failed", node.id, exc_info=result)
+
+    async def run(self) -> None:
+        """A round every ``interval_s``, the first at once, until cancelled."""
+        loop = asyncio.get_running_loop()
+        async with new_session() as session:
+            next_round = loop.time()
+            while True:
+                config = self._config
+                await self.run_round(session)
+                # Fixed cadence so slow rounds do not drift; after an overrun, start at once
+                # but do not burst to catch up on missed rounds.
+                next_round = max(next_round + config.interval_s, loop.time())
+                await asyncio.sleep(next_round - loop.time())
+
+    def _current(self, node: NodeConfig) -> bool:
+        """Whether ``node`` is still configured as it was (a reload may land mid-round)."""
+        return self._nodes.get(node.id) is node
+
+    async def _sync_node(
+        self, session: aiohttp.ClientSession, node: NodeConfig, config: SyncConfig
+    ) -> None:
+        try:
+            holdings = await fetch_manifest(
+                session, node, self._timeout_s, self._max_manifest_bytes, self._clock()
+            )
+        except ManifestError as exc:
+            previous = self.holdings.get(node.id)
+            if previous is None:
+                _log.warning("node %s: %s; it serves nothing until one is read", node.id, exc)
+            else:
+                _log.warning(
+                    "node %s: %s; routing on the manifest read %s ago",
+                    node.id,
+                    exc,
+                    _age(self._clock() - previous.fetched_at),
+                )
+            return
+        if not self._current(node):
+            return
+        self._adopt(holdings)
+
+        retries = self._retry_samples(node.id, config.verify_samples)
+        fresh = pick_samples(holdings, config.verify_samples, self._rng)
+        for sample in [*retries, *(s for s in fresh if s not in retries)]:
+            try:
+                reason = await _check_sample(
+                    session,
+                    node,
+                    sample,
+                    holdings,
+                    self._catalog,
+                    config.verify_max_bytes,
+                    self._timeout_s,
+                )
+            except _Inconclusive as exc:
+                _log.debug("node %s: could not verify %s: %s", node.id, _describe(sample), exc)
+                continue
+            # A newer manifest may have arrived meanwhile (a reload, then another round).
+            if not self._current(node) or self.holdings.get(node.id) is not holdings:
+                return
+            if reason is None:
+                self._clear(node.id, sample)
+            else:
+                self._record(node.id, sample, reason)
+
+    def _adopt(self, holdings: NodeHoldings) -> None:
+        node_id = holdings.node_id
+        previous = self.holdings.get(node_id)
+        self.holdings[node_id] = holdings
+        changed = (
+            previous is None
+            or previous.commits != holdings.commits
+            or previous.refs != holdings.refs
+        )
+        if changed:
+            _log.info(
+                "node %s: manifest lists %d commits of %d repositories",
+                node_id,
+                sum(len(c) for c in holdings.commits.values()),
+                len(holdings.commits),
+            )
+        # Failures of files the node no longer lists are moot: requests for them cannot go there.
+        failures = self._failed_files.get(node_id, {})
+        for commit_key, paths in list(failures.items()):
+            listed = holdings.commits.get(commit_key[:2], _NO_COMMITS).get(commit_key[2])
+            for path in [p for p in paths if listed is None or p not in listed.files]:
+                del paths[path]
+                changed = True
+            if not paths:
+                del failures[commit_key]
+        if changed:
+            self._publish_failures(node_id)
+
+    def _retry_samples(self, node_id: str, count: int) -> list[Sample]:
+        failing = sorted(
+            (*commit_key, path)
+            for commit_key, paths in self._failed_files.get(node_id, {}).items()
+            for path in paths
+        )
+        return self._rng.sample(failing, min(count, len(failing)))
+
+    def _record(self, node_id: str, sample: Sample, reason: str) -> None:
+        commit_key: CommitKey = sample[:3]
+        paths = self._failed_files.setdefault(node_id, {}).setdefault(commit_key, {})
+        if paths.get(sample[3]) == reason:
+            return
+        repo_type, repo_id, commit, _ = sample
+        _log.warning(
+            "node %s: excluded for commit %s of %s: %s",
+            node_id,
+            _short(commit),
+            _label((repo_type, repo_id)),
+            reason,
+        )
+        paths[sample[3]] = reason
+        self._publish_failures(node_id)
+
+    def _clear(self, node_id: str, sample: Sample) -> None:
+        commit_key: CommitKey = sample[:3]
+        paths = self._failed_files.get(node_id, {}).get(commit_key)
+        if paths is None or sample[3] not in paths:
+            return
+        del paths[sample[3]]
+        if not paths:
+            del self._failed_files[node_id][commit_key]
+        _log.info("node %s: %s verifies again", node_id, _describe(sample))
+        self._publish_failures(node_id)
+
+    def _publish_failures(self, node_id: str) -> None:
+        """Rebuild the node's ``failed`` view (a new dict: readers never see it half-built)."""
+        failed: dict[CommitKey, str] = {}
+        for commit_key, paths in self._failed_files.get(node_id, {}).items():
+            first = next(iter(paths.values()))
+            more = len(paths) - 1
+            failed[commit_key] = first + (f" (and {more} more files)" if more else "")
+        self.failed[node_id] = failed
+        self.version += 1
