@@ -125,6 +125,9 @@ class RoutingConfig:
     #: Bounded-load rendezvous for cache nodes: no cache takes more than this factor times the
     #: mean share of recent redirects among the near-equal caches.
     cache_load_bound: float = 1.25
+    #: Skip a node at once when its latest probe timed out or could not connect, rather than
+    #: waiting for ``probing.fall`` failures (clients would meet the same failure).
+    avoid_transport_failing: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,6 +482,7 @@ def _routing(s: _Section) -> RoutingConfig:
         km_per_latency_ms=s.get("km_per_latency_ms", d.km_per_latency_ms, _float(0.0, 10_000.0)),
         load_penalty_km=s.get("load_penalty_km", d.load_penalty_km, _float(0.0, 100_000.0)),
         cache_load_bound=s.get("cache_load_bound", d.cache_load_bound, _float(1.0, 100.0)),
+        avoid_transport_failing=s.get("avoid_transport_failing", d.avoid_transport_failing, _bool),
     )
 
 

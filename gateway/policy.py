@@ -44,6 +44,7 @@ ExclusionReason = Literal[
     "down",
     "draining",
     "missing_revision",
+    "transport_failing",
     "at_capacity",
 ]
 ChoiceReason = Literal[
@@ -189,6 +190,11 @@ def filter_nodes(
             continue
         if status.draining:
             excluded.append(Exclusion(node, "draining", "draining: takes no new clients"))
+            continue
+        if status.transport_failing and policy.avoid_transport_failing:
+            excluded.append(
+                Exclusion(node, "transport_failing", "latest probe timed out or could not connect")
+            )
             continue
         missing = unavailable.get(node.id)
         if missing is not None:

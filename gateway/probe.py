@@ -104,6 +104,12 @@ class Health:
     #: Why the node is down; empty while up.
     reason: str = NOT_YET_PROBED
     last_ok_at: float | None = None
+    #: The latest probe timed out or could not connect.
+    transport_failing: bool = False
+
+
+#: Failures where the node could not be talked to at all, as a download would fail too.
+TRANSPORT_FAILURES: frozenset[ProbeFailure] = frozenset({"timeout", "connect error"})
 
 
 def next_health(
@@ -122,6 +128,7 @@ def next_health(
             latency_ms=health.latency_ms,
             reason="" if up else outcome.reason,
             last_ok_at=health.last_ok_at,
+            transport_failing=outcome.failure in TRANSPORT_FAILURES,
         )
     successes = health.successes + 1
     up = health.up or successes >= rise
@@ -478,6 +485,7 @@ class Prober:
             latency_ms=after.latency_ms,
             checked_at=now,
             last_ok_at=after.last_ok_at,
+            transport_failing=after.transport_failing,
         )
         await self._publish(node.id, "probe", self._sink.publish_probe(record))
         if load is not None:

@@ -29,6 +29,8 @@ class NodeStatus:
     latency_ms: float | None = None
     #: Fraction of capacity in use (1.0 = at capacity); None when unknown.
     load: float | None = None
+    #: Still up (hysteresis), but the latest probe could not connect or timed out.
+    transport_failing: bool = False
 
 
 NODE_ASSUMED_UP = NodeStatus()
@@ -55,6 +57,8 @@ class ProbeRecord:
     #: Unix time of the latest probe and of the latest successful one.
     checked_at: float
     last_ok_at: float | None
+    #: The latest probe timed out or could not connect (the verdict may still be up).
+    transport_failing: bool = False
 
 
 LoadSource = Literal["status-json", "prometheus", "redirects"]
@@ -119,6 +123,7 @@ def node_status(
         up, reason, latency = not probing, NOT_YET_PROBED if probing else "", None
     else:
         up, reason, latency = probe.up, probe.reason, probe.latency_ms
+    transport_failing = probe is not None and probe.up and probe.transport_failing
     mode = admin.mode if admin is not None else "active"
     return NodeStatus(
         up=up,
@@ -127,6 +132,7 @@ def node_status(
         disabled=mode == "disabled",
         latency_ms=latency,
         load=load_fraction(node, load),
+        transport_failing=transport_failing,
     )
 
 

@@ -172,6 +172,7 @@ def encode_record(record: Record) -> tuple[RecordKind, dict[str, str]]:
             "latency_ms": _optional_number(record.latency_ms),
             "checked_at": _number(record.checked_at),
             "last_ok_at": _optional_number(record.last_ok_at),
+            "transport_failing": "1" if record.transport_failing else "0",
         }
     if isinstance(record, LoadRecord):
         return "load", {
@@ -246,6 +247,8 @@ def decode_record(kind: RecordKind, fields: Mapping[str, str]) -> Record:
             latency_ms=f.optional_number("latency_ms"),
             checked_at=f.number("checked_at"),
             last_ok_at=f.optional_number("last_ok_at"),
+            # Absent in records written before the field existed.
+            transport_failing=fields.get("transport_failing") == "1",
         )
     if kind == "load":
         return LoadRecord(

@@ -393,3 +393,21 @@ def test_admin_api_is_off_without_a_token(
         assert json.loads(body)["error"] == "admin_disabled"
     finally:
         assert gateway.stop() == 0
+
+
+def test_transport_failure_moves_clients_before_the_node_is_marked_down(
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], tmp_path: Path
+) -> None:
+    config = make_config(nodes)
+    config["probing"]["fall"] = 5
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "bj trusted")
+        nodes["bj"].health_delay_s = 2.0  # past probing.timeout_s: the probe times out
+        wait_until(lambda: routed_to(gateway) == "sh", 3, "routing around the timing-out node")
+        state = node_state(gateway, "bj")
+        assert state["up"], "hysteresis has not marked it down yet"
+        nodes["bj"].health_delay_s = 0.0
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "bj back after a good probe")
+    finally:
+        assert gateway.stop() == 0

@@ -96,6 +96,22 @@ CASES = [
         "same_continent",
     ),
     (
+        "beijing-transport-failing",
+        BEIJING_CLIENT,
+        {"bj": NodeStatus(transport_failing=True)},
+        ANY,
+        "sh",
+        "same_country",
+    ),
+    (
+        "transport-failing-tolerated-by-config",
+        BEIJING_CLIENT,
+        {"bj": NodeStatus(transport_failing=True)},
+        RoutingConfig(avoid_transport_failing=False),
+        "bj",
+        "same_asn",
+    ),
+    (
         "everything-out",
         US_CLIENT,
         {"fra": NodeStatus(disabled=True)},
@@ -153,6 +169,15 @@ EXCLUSION_CASES = [
         "sh",
         "admin_disabled",
         "operator",
+    ),
+    (
+        "transport-failing",
+        BEIJING_CLIENT,
+        {"bj": NodeStatus(transport_failing=True)},
+        ANY,
+        "bj",
+        "transport_failing",
+        "timed out or could not connect",
     ),
     (
         "beyond-max-tier",

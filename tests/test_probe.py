@@ -846,3 +846,22 @@ async def test_without_a_shared_verdict_a_new_prober_earns_trust(mirror: MirrorN
     )
     await run_for(prober, 0.2)
     assert sink.verdicts("n1").startswith("d")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "transport_failing"),
+    [
+        (ProbeOutcome(False, "timeout", None, "timeout"), True),
+        (ProbeOutcome(False, "connect error: refused", None, "connect error"), True),
+        (ProbeOutcome(False, "status 503", 3.0, "status"), False),
+        (ProbeOutcome(True, "", 3.0), False),
+    ],
+    ids=["timeout", "connect-error", "status", "ok"],
+)
+def test_transport_failure_is_flagged_while_still_up(
+    outcome: ProbeOutcome, transport_failing: bool
+) -> None:
+    up = Health(up=True, probed=True, reason="")
+    after = next_health(up, outcome, rise=2, fall=3, alpha=0.5, now=1.0)
+    assert after.up
+    assert after.transport_failing is transport_failing
