@@ -57,10 +57,15 @@ class GatewayTestServer(TestServer):
         return GatewayRunner(self.app, **kwargs)
 
 
-def gateway_config(geoip: GeoIPConfig, upstream: str, **sections: Any) -> GatewayConfig:
+def gateway_config(geoip: GeoIPConfig, upstream_url: str, **sections: Any) -> GatewayConfig:
     # These nodes are not real servers: take them as up rather than probing them.
     base = config_from_mapping(
-        {"nodes": NODES, "probing": {"enabled": False}, "upstream": {"url": upstream}, **sections}
+        {
+            "nodes": NODES,
+            "probing": {"enabled": False},
+            "upstream": {"url": upstream_url},
+            **sections,
+        }
     )
     return replace(base, geoip=geoip)
 
@@ -307,3 +312,45 @@ async def test_requests_the_parser_rejects_get_json(
     payload = json.loads(body)
     assert payload["error"] in {"line_too_long", "bad_request", "bad_method"}
     assert "Traceback" not in payload["message"]
+
+
+async def test_upstream_down_gives_a_retryable_error_until_something_is_cached(
+    make_client: MakeClient,
+) -> None:
+    with FakeHub() as hub:
+        hub.failing = True
+        client = await make_client(upstream={"url": hub.url}, catalog={"retry_after_s": 7})
+        status, headers, payload = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
+        assert status == 503
+        assert headers["Retry-After"] == "7"
+        assert "X-Error-Code" not in headers, "no error code: clients treat it as transient"
+        assert payload["error"] == "upstream_unavailable"
+
+        hub.failing = False
+        status, _, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
+        assert status == 302
+        hub.failing = True
+        status, headers, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
+        assert status == 302, "served from the catalog while upstream is down"
+        assert headers["X-Repo-Commit"] == MAIN
+
+
+HF_ERRORS = [
+    ("repo", "/acme/nope/resolve/main/x", 404, "RepoNotFound", None),
+    ("revision", "/acme/tiny-model/resolve/nope/config.json", 404, "RevisionNotFound", None),
+    ("entry", "/acme/tiny-model/resolve/main/nope.bin", 404, "EntryNotFound", MAIN),
+    ("gated-without-token", "/acme/gated-model/resolve/main/config.json", 401, "GatedRepo", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code", "commit"), [c[1:] for c in HF_ERRORS], ids=[c[0] for c in HF_ERRORS]
+)
+async def test_hf_errors_carry_the_error_code(
+    make_client: MakeClient, path: str, status: int, code: str, commit: str | None
+) -> None:
+    client = await make_client()
+    got, headers, _ = await get(client, path, "HEAD", **{"X-Forwarded-For": BEIJING_IP})
+    assert (got, headers["X-Error-Code"]) == (status, code)
+    assert headers.get("X-Repo-Commit") == commit
+    assert "Location" not in headers
