@@ -14,9 +14,8 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -24,7 +23,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import NodeConfig, ProbeSpec, ProbingConfig
-from gateway.state import NOT_YET_PROBED, LoadRecord, ProbeRecord
+from gateway.netio import bounded_chunks, describe_error
+from gateway.state import NOT_YET_PROBED, LoadRecord, LoadSource, ProbeRecord
 
 USER_AGENT = "mirror-gateway-prober/0.1 (+https://github.com/mirror-gateway)"
 
@@ -37,8 +37,6 @@ MAX_LOAD_BODY_BYTES = 1024 * 1024
 #: Shutdown must not hang on a store that does not answer; the lock's TTL frees it anyway.
 LOCK_RELEASE_TIMEOUT_S = 1.0
 
-_READ_CHUNK_BYTES = 64 * 1024
-_DETAIL_MAX_CHARS = 120
 _LOAD_ACCEPT = {
     "json": "application/json",
     # Without it, a prometheus_client exporter may answer in OpenMetrics, which we do not parse.
@@ -196,19 +194,13 @@ def parse_status_json(node_id: str, body: bytes, now: float) -> LoadRecord:
         for key in _JSON_KEYS
         if data.get(key) is not None
     }
-    if "active_connections" not in values and "egress_mbps" not in values:
-        raise LoadFormatError(
-            "status JSON: needs active_connections or egress_mbps; "
-            f"got keys: {', '.join(sorted(map(str, data))) or 'none'}"
-        )
-    return LoadRecord(
-        node_id=node_id,
-        source="status-json",
-        active_connections=values.get("active_connections"),
-        egress_mbps=values.get("egress_mbps"),
-        capacity_connections=values.get("capacity_connections"),
-        capacity_mbps=values.get("capacity_mbps"),
-        measured_at=now,
+    return _load_record(
+        node_id,
+        "status-json",
+        values,
+        now,
+        "status JSON: needs active_connections or egress_mbps; "
+        f"got keys: {', '.join(sorted(map(str, data))) or 'none'}",
     )
 
 
@@ -235,14 +227,25 @@ def parse_prometheus_load(node_id: str, text: str, now: float) -> LoadRecord:
     for name, total in totals.items():
         field, factor = _PROMETHEUS_METRICS[name]
         values[field] = _load_number(f"Prometheus load: sum of {name}", total) * factor
+    return _load_record(
+        node_id,
+        "prometheus",
+        values,
+        now,
+        "Prometheus load: needs mirror_node_active_connections or "
+        "mirror_node_egress_bytes_per_second; found neither",
+    )
+
+
+def _load_record(
+    node_id: str, source: LoadSource, values: Mapping[str, float], now: float, missing: str
+) -> LoadRecord:
+    """The record, once the document gave at least one measure of load (else ``missing``)."""
     if "active_connections" not in values and "egress_mbps" not in values:
-        raise LoadFormatError(
-            "Prometheus load: needs mirror_node_active_connections or "
-            "mirror_node_egress_bytes_per_second; found neither"
-        )
+        raise LoadFormatError(missing)
     return LoadRecord(
         node_id=node_id,
-        source="prometheus",
+        source=source,
         active_connections=values.get("active_connections"),
         egress_mbps=values.get("egress_mbps"),
         capacity_connections=values.get("capacity_connections"),
@@ -279,33 +282,6 @@ def _timeout(config: ProbingConfig) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s)
 
 
-def _brief(exc: BaseException) -> str:
-    """A short one-line description of a network error, for reasons and logs."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        exc = exc.os_error
-    if isinstance(exc, aiohttp.ClientResponseError):
-        # Its str() adds the URL and a repr of the parser's multi-line message.
-        text = exc.message
-    elif isinstance(exc, ConnectionError) and exc.errno:
-        # asyncio's own text repeats the address ("Connect call failed ('10.0.0.1', 443)").
-        text = os.strerror(exc.errno)
-    else:
-        text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
-    text = " ".join(text.split()) or type(exc).__name__
-    return text if len(text) <= _DETAIL_MAX_CHARS else text[: _DETAIL_MAX_CHARS - 3] + "..."
-
-
-async def _body_chunks(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """The body in chunks, stopping once ``limit`` bytes have come: never read unbounded."""
-    left = limit
-    while left > 0:
-        chunk = await content.read(min(left, _READ_CHUNK_BYTES))
-        if not chunk:
-            return
-        left -= len(chunk)
-        yield chunk
-
-
 async def probe_once(
     session: aiohttp.ClientSession, node: NodeConfig, spec: ProbeSpec, config: ProbingConfig
 ) -> ProbeOutcome:
@@ -320,14 +296,14 @@ async def probe_once(
             body_size = None
             if spec.method == "GET":
                 limit = DISCARD_BODY_BYTES if spec.expect_bytes is None else spec.expect_bytes + 1
-                body_size = sum([len(c) async for c in _body_chunks(response.content, limit)])
+                body_size = sum([len(c) async for c in bounded_chunks(response.content, limit)])
             status = response.status
     except TimeoutError:
         return _failed("timeout", "timeout")
     except OSError as exc:  # aiohttp.ClientConnectorError among them
-        return _failed("connect error", f"connect error: {_brief(exc)}")
+        return _failed("connect error", f"connect error: {describe_error(exc)}")
     except aiohttp.ClientError as exc:
-        return _failed("bad response", f"bad response: {_brief(exc)}")
+        return _failed("bad response", f"bad response: {describe_error(exc)}")
     return judge(spec, status, body_size, latency_ms)
 
 
@@ -352,7 +328,7 @@ async def fetch_load(
                 problem = f"status {response.status}"
             else:
                 body = b"".join(
-                    [c async for c in _body_chunks(response.content, MAX_LOAD_BODY_BYTES + 1)]
+                    [c async for c in bounded_chunks(response.content, MAX_LOAD_BODY_BYTES + 1)]
                 )
                 if len(body) <= MAX_LOAD_BODY_BYTES:
                     return _parse_load(node, body, clock())
@@ -360,9 +336,9 @@ async def fetch_load(
     except TimeoutError:
         problem = "timeout"
     except OSError as exc:
-        problem = f"connect error: {_brief(exc)}"
+        problem = f"connect error: {describe_error(exc)}"
     except aiohttp.ClientError as exc:
-        problem = f"bad response: {_brief(exc)}"
+        problem = f"bad response: {describe_error(exc)}"
     except LoadFormatError as exc:
         problem = str(exc)
     _log.warning("node %s: no load from %s: %s", node.id, node.load_url, problem)

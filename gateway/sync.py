@@ -46,12 +46,11 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol, get_args
@@ -61,6 +60,7 @@ import aiohttp
 from gateway.catalog import CatalogError, RepoRevision, is_commit_sha
 from gateway.config import NodeConfig, SyncConfig
 from gateway.hfpath import FileRef, PathError, RepoType, parse_resolve_path, resolve_path_for
+from gateway.netio import bounded_chunks, describe_error
 from gateway.targets import node_url
 
 USER_AGENT = "mirror-gateway-sync/0.1"
@@ -79,8 +79,6 @@ CommitKey = tuple[RepoType, str, str]
 #: (type, repository id, commit, file path)
 Sample = tuple[RepoType, str, str, str]
 
-_READ_CHUNK_BYTES = 64 * 1024
-_DETAIL_MAX_CHARS = 120
 _SHORT_SHA = 7
 _SHA256_HEX = 64
 _HEX_DIGITS = frozenset("0123456789abcdef")
@@ -521,32 +519,6 @@ def new_session() -> aiohttp.ClientSession:
     )
 
 
-def _brief(exc: BaseException) -> str:
-    """A short one-line description of a network error."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        exc = exc.os_error
-    if isinstance(exc, aiohttp.ClientResponseError):
-        text = exc.message
-    elif isinstance(exc, ConnectionError) and exc.errno:
-        # asyncio's own text repeats the address ("Connect call failed ('10.0.0.1', 443)").
-        text = os.strerror(exc.errno)
-    else:
-        text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
-    text = " ".join(text.split()) or type(exc).__name__
-    return text if len(text) <= _DETAIL_MAX_CHARS else text[: _DETAIL_MAX_CHARS - 3] + "..."
-
-
-async def _body_chunks(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """The body in chunks, stopping once ``limit`` bytes have come: never read unbounded."""
-    left = limit
-    while left > 0:
-        chunk = await content.read(min(left, _READ_CHUNK_BYTES))
-        if not chunk:
-            return
-        left -= len(chunk)
-        yield chunk
-
-
 async def fetch_manifest(
     session: aiohttp.ClientSession, node: NodeConfig, timeout_s: float, max_bytes: int, now: float
 ) -> NodeHoldings:
@@ -563,13 +535,13 @@ async def fetch_manifest(
         ) as response:
             if response.status != 200:
                 raise ManifestError(f"manifest: status {response.status}")
-            body = b"".join([c async for c in _body_chunks(response.content, max_bytes + 1)])
+            body = b"".join([c async for c in bounded_chunks(response.content, max_bytes + 1)])
     except TimeoutError:
         raise ManifestError("manifest: timeout") from None
     except OSError as exc:  # aiohttp.ClientConnectorError among them
-        raise ManifestError(f"manifest: connect error: {_brief(exc)}") from None
+        raise ManifestError(f"manifest: connect error: {describe_error(exc)}") from None
     except aiohttp.ClientError as exc:
-        raise ManifestError(f"manifest: bad response: {_brief(exc)}") from None
+        raise ManifestError(f"manifest: bad response: {describe_error(exc)}") from None
     # Tens of megabytes of JSON take a while to parse: not in the event loop serving redirects.
     return await asyncio.to_thread(parse_manifest, node.id, body, now, max_bytes)
 
@@ -627,7 +599,7 @@ async def _check_sample(
                 raise _Inconclusive(f"GET status {response.status}")
             if response.status != 200:
                 return f"GET status {response.status} for {path}"
-            async for chunk in _body_chunks(response.content, size + 1):
+            async for chunk in bounded_chunks(response.content, size + 1):
                 read += len(chunk)
                 content.update(chunk)
                 if blob is not None:
@@ -635,9 +607,9 @@ async def _check_sample(
     except TimeoutError:
         raise _Inconclusive("timeout") from None
     except OSError as exc:
-        raise _Inconclusive(f"connect error: {_brief(exc)}") from None
+        raise _Inconclusive(f"connect error: {describe_error(exc)}") from None
     except aiohttp.ClientError as exc:
-        raise _Inconclusive(f"bad response: {_brief(exc)}") from None
+        raise _Inconclusive(f"bad response: {describe_error(exc)}") from None
     if read > size:
         return f"GET body over {size} bytes for {path}"
     if read < size:
