@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.answers import json_error
-from gateway.http import RUNTIME, Runtime
+from gateway.runtime import RUNTIME, Runtime
 from gateway.state import AdminMode, AdminRecord
 from gateway.store import StoreUnavailable
 

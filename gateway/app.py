@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.admin import add_admin_routes
-from gateway.http import RUNTIME, Runtime, healthz, read_only, readyz, resolve
+from gateway.http import healthz, read_only, readyz, resolve
+from gateway.runtime import RUNTIME, Runtime
 
 
 async def _run_background(app: web.Application) -> AsyncIterator[None]:

@@ -8,21 +8,19 @@ malformed requests the HTTP parser rejects are rendered as JSON by ``server.py``
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from gateway.answers import catalog_error, json_error, redirect_headers
-from gateway.catalog import Catalog, CatalogError, RepoRevision, entry_for
+from gateway.catalog import CatalogError
 from gateway.clientip import ForwardingHeaders
 from gateway.config import ClientIPConfig, ServerConfig
-from gateway.hfpath import FileRef, PathError, parse_resolve_path, resolve_path_for
-from gateway.probe import Prober
-from gateway.router import PRIVATE_CACHE_CONTROL, Router
-from gateway.store import StateStore
-from gateway.sync import SyncTracker
-from gateway.upstream import Rewrite, UpstreamError, UpstreamProxy
+from gateway.hfpath import PathError, parse_resolve_path, resolve_path_for
+from gateway.planner import UpstreamOnly, plan_route
+from gateway.router import PRIVATE_CACHE_CONTROL
+from gateway.runtime import RUNTIME, Runtime
+from gateway.upstream import Rewrite, UpstreamError
 
 ALLOWED_METHODS = "GET, HEAD"
 API_PREFIX = "/api/"
@@ -32,38 +30,6 @@ _NEEDS_TOKEN = frozenset({"RepoNotFound", "GatedRepo"})
 _ENTRIES_API = re.compile(r"^/api/(?:models|datasets|spaces|kernels)/.+/(?:tree|paths-info)/")
 UPSTREAM_NODE_NAME = "upstream"
 
-
-class Runtime:
-    """What requests read: the router in force, live node state, the catalog and node sync.
-
-    A config reload swaps the router in one assignment; the rest lives as long as the process.
-    """
-
-    def __init__(
-        self,
-        router: Router,
-        store: StateStore,
-        prober: Prober | None,
-        catalog: Catalog,
-        sync: SyncTracker,
-        proxy: UpstreamProxy,
-    ) -> None:
-        self.router = router
-        self.store = store
-        self.prober = prober
-        self.catalog = catalog
-        self.sync = sync
-        self.proxy = proxy
-
-    def adopt(self, router: Router) -> None:
-        self.router = router
-        self.store.reconfigure(router.config.nodes)
-        if self.prober is not None:
-            self.prober.reconfigure(router.config.nodes, router.config.probing)
-        self.sync.reconfigure(router.config.nodes, router.config.sync)
-
-
-RUNTIME = web.AppKey("runtime", Runtime)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -130,15 +96,6 @@ def _public_origin(request: web.Request, config: ServerConfig) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-async def _revision(runtime: Runtime, ref: FileRef) -> RepoRevision:
-    """The catalog entry, from memory when it is there (no await on the common path)."""
-    catalog = runtime.catalog
-    known = catalog.peek(ref.repo_type, ref.repo_id, ref.revision)
-    return (
-        known if known is not None else await catalog.get(ref.repo_type, ref.repo_id, ref.revision)
-    )
-
-
 async def _to_upstream(request: web.Request, runtime: Runtime, target: str) -> web.StreamResponse:
     try:
         return await runtime.proxy.forward(
@@ -167,37 +124,23 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         )
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed(request)
+    client = router.resolver.resolve(
+        request.remote, forwarding_headers(request, router.config.client_ip)
+    )
     try:
-        revision = await _revision(runtime, ref)
-        if revision.upstream_only:
-            # Private and gated files need the client's token: only upstream may see it.
-            return await _to_upstream(request, runtime, resolve_path_for(ref))
-        meta = entry_for(revision, ref.filename)
+        plan = await plan_route(runtime, ref, client)
+    except UpstreamOnly:
+        # Private and gated files need the client's token: only upstream may see it.
+        return await _to_upstream(request, runtime, resolve_path_for(ref))
     except CatalogError as exc:
         if exc.error_code in _NEEDS_TOKEN and "Authorization" in request.headers:
             # Hidden from our tokenless catalog (private, or gated files), but maybe not from
             # this client's token: upstream decides.
             return await _to_upstream(request, runtime, resolve_path_for(ref))
         return catalog_error(exc)
-    pinned = ref.with_revision(revision.commit)
-    unavailable, node_revisions = runtime.sync.availability(
-        router.config.nodes, pinned, ref.revision, time.time()
-    )
-    client = router.resolver.resolve(
-        request.remote, forwarding_headers(request, router.config.client_ip)
-    )
-    store = runtime.store
-    route = router.route(
-        pinned, client, store.live.statuses, store.redirects.current, unavailable, node_revisions
-    )
+    route, meta = plan.route, plan.meta
     node = route.decision.node
-    if route.revision != revision.commit:
-        try:
-            meta = entry_for(
-                await _revision(runtime, ref.with_revision(route.revision)), ref.filename
-            )
-        except CatalogError as exc:
-            return catalog_error(exc)
+    store = runtime.store
     if node is not None:
         store.redirects.count(node.id)
     headers = redirect_headers(

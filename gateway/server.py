@@ -24,9 +24,9 @@ from gateway.app import create_app
 from gateway.catalog import Catalog
 from gateway.config import ConfigError, GatewayConfig
 from gateway.geo import GeoDataError, MaxMindLocator
-from gateway.http import RUNTIME, Runtime
 from gateway.probe import Prober
 from gateway.router import Router
+from gateway.runtime import RUNTIME, Runtime
 from gateway.state import LiveState, RedirectCounter
 from gateway.store import InProcessStore, RedisStore, StateStore
 from gateway.sync import SyncTracker

@@ -1,0 +1,67 @@
+"""One request's plan: catalog lookup, which nodes hold the revision, the route, the file.
+
+Shared by the redirect handler, explain and Metalink, so all three always agree. Reads only
+memory on the common path; awaits the catalog only for a revision not cached yet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.catalog import FileMeta, RepoRevision, entry_for
+from gateway.clientip import ClientAddress
+from gateway.hfpath import FileRef
+from gateway.router import Route
+from gateway.runtime import Runtime
+
+
+class UpstreamOnly(Exception):
+    """Private or gated: only upstream, with the client's token, may serve the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    #: The file as requested (a ref or a commit).
+    ref: FileRef
+    #: What upstream says the requested revision is.
+    revision: RepoRevision
+    route: Route
+    #: The file at the commit the route serves.
+    meta: FileMeta
+    #: Nodes that would serve another commit than upstream's (bounded freshness).
+    node_revisions: Mapping[str, str]
+
+
+async def revision_of(runtime: Runtime, ref: FileRef) -> RepoRevision:
+    """The catalog entry, from memory when it is there (no await on the common path)."""
+    catalog = runtime.catalog
+    known = catalog.peek(ref.repo_type, ref.repo_id, ref.revision)
+    if known is not None:
+        return known
+    return await catalog.get(ref.repo_type, ref.repo_id, ref.revision)
+
+
+async def plan_route(
+    runtime: Runtime, ref: FileRef, client: ClientAddress, *, now: float | None = None
+) -> Plan:
+    """Raises ``CatalogError`` (unknown repo, revision or file; upstream unavailable) and
+    ``UpstreamOnly``."""
+    router = runtime.router
+    revision = await revision_of(runtime, ref)
+    if revision.upstream_only:
+        raise UpstreamOnly
+    meta = entry_for(revision, ref.filename)
+    pinned = ref.with_revision(revision.commit)
+    unavailable, node_revisions = runtime.sync.availability(
+        router.config.nodes, pinned, ref.revision, time.time() if now is None else now
+    )
+    store = runtime.store
+    route = router.route(
+        pinned, client, store.live.statuses, store.redirects.current, unavailable, node_revisions
+    )
+    if route.revision != revision.commit:
+        older = await revision_of(runtime, ref.with_revision(route.revision))
+        meta = entry_for(older, ref.filename)
+    return Plan(ref, revision, route, meta, node_revisions)
