@@ -54,12 +54,18 @@ async def plan_route(
         raise UpstreamOnly
     meta = entry_for(revision, ref.filename)
     pinned = ref.with_revision(revision.commit)
-    unavailable, node_revisions = runtime.sync.availability(
+    unavailable, node_revisions, warm_caches = runtime.sync.availability(
         router.config.nodes, pinned, ref.revision, time.time() if now is None else now
     )
     store = runtime.store
     route = router.route(
-        pinned, client, store.live.statuses, store.redirects.current, unavailable, node_revisions
+        pinned,
+        client,
+        store.live.statuses,
+        store.redirects.current,
+        unavailable,
+        node_revisions,
+        warm_caches,
     )
     if route.revision != revision.commit:
         older = await revision_of(runtime, ref.with_revision(route.revision))

@@ -277,16 +277,20 @@ def choose(
     *,
     key: str = "",
     recent: Mapping[str, int] | None = None,
+    warm_caches: frozenset[str] = frozenset(),
 ) -> Candidate | None:
     """Pick among the near-equal best candidates (input sorted best first).
 
     Cache nodes in the pool compete as one group carrying their summed weight; within the group
-    the file ``key`` picks the cache by bounded-load rendezvous over ``recent`` redirect counts.
+    a cache already holding the file wins over cold ones (``warm_caches``), and the file
+    ``key`` picks among them by bounded-load rendezvous over ``recent`` redirect counts.
     """
     pool = near_equals(candidates, policy)
     if len(pool) <= 1:
         return pool[0] if pool else None
     caches = [c for c in pool if c.node.kind == "cache"]
+    warm = [c for c in caches if c.node.id in warm_caches]
+    caches = warm or caches
     others = [c for c in pool if c.node.kind != "cache"]
     groups: list[list[Candidate]] = [[c] for c in others] + ([caches] if caches else [])
     weights = [sum(c.node.weight for c in group) for group in groups]
@@ -307,10 +311,11 @@ def decide(
     key: str = "",
     recent: Mapping[str, int] | None = None,
     unavailable: Mapping[str, str] | None = None,
+    warm_caches: frozenset[str] = frozenset(),
 ) -> Decision:
     filtered = filter_nodes(nodes, client, statuses, policy, unavailable)
     excluded = tuple(filtered.excluded)
-    chosen = choose(filtered.accepted, policy, rng, key=key, recent=recent)
+    chosen = choose(filtered.accepted, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
     if chosen is not None:
         reason = _TIER_REASON[chosen.tier]
         return Decision(chosen.node, reason, tuple(filtered.accepted), excluded)

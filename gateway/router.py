@@ -69,12 +69,14 @@ class Router:
         recent: Mapping[str, int] | None = None,
         unavailable: Mapping[str, str] | None = None,
         node_revisions: Mapping[str, str] | None = None,
+        warm_caches: frozenset[str] = frozenset(),
     ) -> Route:
         """Route one request for ``ref`` (pinned to upstream's commit when known).
 
         ``recent`` counts redirects per node for cache balancing; ``unavailable`` names nodes
         that cannot serve this revision and why; ``node_revisions`` names nodes that would
-        serve another commit than ``ref.revision`` (bounded freshness).
+        serve another commit than ``ref.revision`` (bounded freshness); ``warm_caches`` names
+        cache nodes that already hold the file.
         """
         location, from_cdn_only = self.locate(client)
         decision = decide(
@@ -86,6 +88,7 @@ class Router:
             key=f"{ref.repo_type}/{ref.repo_id}/{ref.revision}/{ref.filename}",
             recent=recent,
             unavailable=unavailable,
+            warm_caches=warm_caches,
         )
         if decision.node is None:
             return Route(

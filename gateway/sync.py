@@ -736,12 +736,20 @@ class SyncTracker:
 
     def availability(
         self, nodes: Sequence[NodeConfig], pinned: FileRef, requested: str, now: float
-    ) -> tuple[dict[str, str], dict[str, str]]:
-        """For a file pinned to upstream's commit: the nodes that cannot serve it, with why,
-        and the nodes that would serve another commit of the requested ref (bounded freshness).
+    ) -> tuple[dict[str, str], dict[str, str], frozenset[str]]:
+        """For a file pinned to upstream's commit: the nodes that cannot serve it, with why;
+        the nodes that would serve another commit of the requested ref (bounded freshness);
+        and the cache nodes whose manifest says they already hold the file.
         """
         unavailable: dict[str, str] = {}
         other_commit: dict[str, str] = {}
+        key = (pinned.repo_type, pinned.repo_id)
+        warm = frozenset(
+            node.id
+            for node in nodes
+            if node.kind == "cache"
+            and holds_exactly(self.holdings.get(node.id), key, pinned.revision, pinned.filename)
+        )
         for node in nodes:
             servable = self.servable(
                 node,
@@ -756,7 +764,7 @@ class SyncTracker:
                 unavailable[node.id] = servable.reason
             elif servable.commit != pinned.revision:
                 other_commit[node.id] = servable.commit
-        return unavailable, other_commit
+        return unavailable, other_commit, warm
 
     async def run_round(self, session: aiohttp.ClientSession) -> None:
         """Read every manifest and verify samples of each, nodes concurrently."""

@@ -366,3 +366,26 @@ def test_bounded_rendezvous_respects_weights() -> None:
     for i in range(5000):
         recent[bounded_rendezvous(nodes, f"k{i}", recent, 1.25).id] += 1
     assert 0.5 < recent[heavy.id] / 5000 < 0.65  # weight 3 of 5
+
+
+def test_a_cache_holding_the_file_wins_over_cold_caches() -> None:
+    keys = [f"org/model/resolve/main/shard-{n}.bin" for n in range(40)]
+    warm = frozenset({"cache3"})
+    cold_choices, warm_choices = set(), set()
+    for n, key in enumerate(keys):
+        for chosen, seen in (
+            (
+                decide(CACHES, SHANGHAI_CLIENT, {}, ANY, random.Random(n), key=key).node,
+                cold_choices,
+            ),
+            (
+                decide(
+                    CACHES, SHANGHAI_CLIENT, {}, ANY, random.Random(n), key=key, warm_caches=warm
+                ).node,
+                warm_choices,
+            ),
+        ):
+            assert chosen is not None
+            seen.add(chosen.id)
+    assert len(cold_choices) == 4, "without a warm cache the files spread over all caches"
+    assert warm_choices == {"cache3"}
