@@ -22,7 +22,7 @@ from gateway.store import StoreUnavailable
 ACTIONS: dict[str, AdminMode] = {"drain": "draining", "disable": "disabled", "enable": "active"}
 
 
-def _authorized(request: web.Request, token: str) -> bool:
+def authorized(request: web.Request, token: str) -> bool:
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(
         presented.strip().encode(), token.encode()
@@ -64,7 +64,7 @@ def add_admin_routes(app: web.Application, token: str | None) -> None:
     async def guard(request: web.Request) -> web.Response | None:
         if token is None:
             return json_error(404, "admin_disabled", "the admin API is off (admin.token unset)")
-        if not _authorized(request, token):
+        if not authorized(request, token):
             return json_error(
                 401,
                 "unauthorized",

@@ -9,8 +9,17 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.admin import add_admin_routes
-from gateway.http import healthz, read_only, readyz, resolve
+from gateway.http import (
+    add_request_id,
+    healthz,
+    metrics_endpoint,
+    observe,
+    read_only,
+    readyz,
+    resolve,
+)
 from gateway.runtime import RUNTIME, Runtime
+from gateway.views import add_view_routes
 
 
 async def _run_background(app: web.Application) -> AsyncIterator[None]:
@@ -34,12 +43,17 @@ async def _run_background(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(runtime: Runtime) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[observe])
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(_run_background)
+    app.on_response_prepare.append(add_request_id)
+    metrics = runtime.router.config.metrics
+    if metrics.enabled and metrics.port is None:
+        app.router.add_route("*", "/metrics", read_only(metrics_endpoint))
     app.router.add_route("*", "/healthz", read_only(healthz))
     app.router.add_route("*", "/readyz", read_only(readyz))
     add_admin_routes(app, runtime.router.config.admin.token)
+    add_view_routes(app)
     # [\s\S] rather than '.': a decoded %0A must still reach our handler and get a JSON 400.
     app.router.add_route("*", r"/{tail:[\s\S]*}", resolve)
     return app

@@ -30,6 +30,7 @@ from gateway.config import (
 from gateway.explain import route_report
 from gateway.geo import GeoDataError
 from gateway.hfpath import PathError, parse_resolve_path
+from gateway.logs import configure_logging
 from gateway.server import build_router, serve
 
 log = logging.getLogger("gateway")
@@ -167,17 +168,18 @@ def _nodes(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     config = _load(args.config)
-    router, warnings = build_router(config)
-    for warning in warnings:
-        log.warning("%s", warning)
-    host = args.host or config.server.host
-    port = config.server.port if args.port is None else args.port
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(router, lambda: _load(args.config), host=host, port=port))
+    listener = configure_logging(args.log_level, config.logging.format)
+    try:
+        router, warnings = build_router(config)
+        for warning in warnings:
+            log.warning("%s", warning)
+        host = args.host or config.server.host
+        port = config.server.port if args.port is None else args.port
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(router, lambda: _load(args.config), host=host, port=port))
+    finally:
+        listener.stop()
     return 0
 
 

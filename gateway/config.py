@@ -30,6 +30,7 @@ TierName = Literal["asn", "country", "continent", "any"]
 ProbeMethod = Literal["GET", "HEAD"]
 LoadFormat = Literal["json", "prometheus"]
 Freshness = Literal["strict", "bounded"]
+LogFormat = Literal["json", "text"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TIER_ORDER: tuple[TierName, ...] = get_args(TierName)
@@ -135,6 +136,24 @@ class ResponsesConfig:
     cache_mode: CacheMode = "private"
     #: Seconds a CDN may keep a redirect in ``cdn-geo`` mode.
     max_age: int = 60
+    #: RFC 6249 ``Link: rel=duplicate`` alternatives sent with each redirect.
+    duplicate_links: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: LogFormat = "json"
+    #: One line per request: id, client country, chosen node, reason, status, duration.
+    access: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    #: Serve /metrics on its own port (e.g. to keep it off the public listener); unset: on the
+    #: serving port.
+    port: int | None = None
+    host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +268,8 @@ class GatewayConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     nodes: tuple[NodeConfig, ...] = ()
 
 
@@ -491,6 +512,7 @@ def _responses(s: _Section) -> ResponsesConfig:
     return ResponsesConfig(
         cache_mode=s.get("cache_mode", d.cache_mode, _choice(get_args(CacheMode))),
         max_age=s.get("max_age", d.max_age, _int(0, 86400)),
+        duplicate_links=s.get("duplicate_links", d.duplicate_links, _int(0, 50)),
     )
 
 
@@ -592,6 +614,23 @@ def _sync(s: _Section) -> SyncConfig:
     )
 
 
+def _logging(s: _Section) -> LoggingConfig:
+    d = LoggingConfig()
+    return LoggingConfig(
+        format=s.get("format", d.format, _choice(get_args(LogFormat))),
+        access=s.get("access", d.access, _bool),
+    )
+
+
+def _metrics(s: _Section) -> MetricsConfig:
+    d = MetricsConfig()
+    return MetricsConfig(
+        enabled=s.get("enabled", d.enabled, _bool),
+        port=s.get("port", None, _int(1, 65535)),
+        host=s.get("host", d.host, _str),
+    )
+
+
 def _admin(s: _Section) -> AdminConfig:
     token = s.get("token", os.environ.get(ADMIN_TOKEN_ENV_VAR) or None, _str)
     if token is not None and len(token) < 16:
@@ -690,6 +729,8 @@ def config_from_mapping(data: object) -> GatewayConfig:
         admin=_admin(top.section("admin", _keys(AdminConfig))),
         catalog=_catalog(top.section("catalog", _keys(CatalogConfig))),
         sync=_sync(top.section("sync", _keys(SyncConfig))),
+        logging=_logging(top.section("logging", _keys(LoggingConfig))),
+        metrics=_metrics(top.section("metrics", _keys(MetricsConfig))),
         nodes=top.get("nodes", (), lambda v, k: _nodes(v, k, probing.probe)),
     )
     if config.responses.cache_mode == "cdn-geo" and config.client_ip.cdn_country_header is None:

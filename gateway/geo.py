@@ -44,12 +44,6 @@ class Location:
 UNKNOWN_LOCATION = Location()
 
 
-class GeoLocator(Protocol):
-    def locate(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Location: ...
-
-    def close(self) -> None: ...
-
-
 class GeoDataError(Exception):
     """The City database cannot be opened or used; the message says which file, why, and what to
     set instead."""
@@ -62,6 +56,14 @@ class DatabaseInfo:
     database_type: str
     build_time: datetime  # aware, UTC; from the metadata's build_epoch
     bundled: bool
+
+
+class GeoLocator(Protocol):
+    databases: tuple[DatabaseInfo, ...]
+
+    def locate(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Location: ...
+
+    def close(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- special addresses

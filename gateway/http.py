@@ -7,8 +7,11 @@ malformed requests the HTTP parser rejects are rendered as JSON by ``server.py``
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -16,19 +19,30 @@ from gateway.answers import catalog_error, json_error, redirect_headers
 from gateway.catalog import CatalogError
 from gateway.clientip import ForwardingHeaders
 from gateway.config import ClientIPConfig, ServerConfig
+from gateway.geo import Location
 from gateway.hfpath import PathError, parse_resolve_path, resolve_path_for
+from gateway.logs import log_access, request_id
+from gateway.metalink import link_header, metalink_response, metalink_target
+from gateway.metrics import Outcome, RouteLabel
 from gateway.planner import UpstreamOnly, plan_route
 from gateway.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import RUNTIME, Runtime
 from gateway.upstream import Rewrite, UpstreamError
 
 ALLOWED_METHODS = "GET, HEAD"
+#: Request storage: the request id, and the routing fields for the access log.
+REQUEST_ID = web.RequestKey("request_id", str)
+ACCESS_FIELDS = web.RequestKey("access_fields", dict[str, Any])
+UpstreamKind = Literal["api", "resolve"]
 API_PREFIX = "/api/"
 #: Catalog answers that may change with the client's token.
 _NEEDS_TOKEN = frozenset({"RepoNotFound", "GatedRepo"})
 #: Upstream answers whose JSON entries may carry ``xetHash``.
 _ENTRIES_API = re.compile(r"^/api/(?:models|datasets|spaces|kernels)/.+/(?:tree|paths-info)/")
 UPSTREAM_NODE_NAME = "upstream"
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z])(?=[A-Z])")
+
+log = logging.getLogger("gateway.http")
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -96,13 +110,62 @@ def _public_origin(request: web.Request, config: ServerConfig) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-async def _to_upstream(request: web.Request, runtime: Runtime, target: str) -> web.StreamResponse:
+async def _to_upstream(
+    request: web.Request,
+    runtime: Runtime,
+    target: str,
+    kind: UpstreamKind,
+    rewrite: Rewrite = "stream",
+) -> web.StreamResponse:
+    started = time.perf_counter()
     try:
-        return await runtime.proxy.forward(
-            request, target, public_origin=_public_origin(request, runtime.router.config.server)
+        response = await runtime.proxy.forward(
+            request,
+            target,
+            public_origin=_public_origin(request, runtime.router.config.server),
+            rewrite=rewrite,
         )
     except UpstreamError as exc:
+        runtime.metrics.upstream_call(kind, time.perf_counter() - started, None)
         return json_error(exc.status, "upstream_error", exc.message, {"Retry-After": "5"})
+    runtime.metrics.upstream_call(kind, time.perf_counter() - started, response.status)
+    return response
+
+
+def _error_reason(exc: CatalogError) -> str:
+    """``EntryNotFound`` -> ``entry_not_found``: the snake_case of the policy's own reasons."""
+    if exc.error_code is None:
+        return "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
+    return _CAMEL_BOUNDARY.sub("_", exc.error_code).lower()
+
+
+def _record(
+    request: web.Request,
+    runtime: Runtime,
+    outcome: Outcome,
+    reason: str,
+    *,
+    node: str | None = None,
+    location: Location | None = None,
+    decision_seconds: float | None = None,
+) -> None:
+    """One routing outcome, for metrics and the access log line."""
+    country = location.country if location else None
+    continent = location.continent if location else None
+    runtime.metrics.decision(
+        outcome,
+        reason,
+        node_id=node,
+        country=country,
+        continent=continent,
+        decision_seconds=decision_seconds,
+    )
+    request[ACCESS_FIELDS] = {
+        "outcome": outcome,
+        "reason": reason,
+        "node": node or (UPSTREAM_NODE_NAME if outcome == "upstream" else None),
+        "country": country,
+    }
 
 
 async def resolve(request: web.Request) -> web.StreamResponse:
@@ -128,18 +191,36 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         request.remote, forwarding_headers(request, router.config.client_ip)
     )
     try:
-        plan = await plan_route(runtime, ref, client)
+        target, as_metalink = await metalink_target(runtime, ref, request.headers.get("Accept"))
+        plan = await plan_route(runtime, target, client)
     except UpstreamOnly:
         # Private and gated files need the client's token: only upstream may see it.
-        return await _to_upstream(request, runtime, resolve_path_for(ref))
+        location = router.locate(client)[0]
+        _record(request, runtime, "upstream", "private_or_gated", location=location)
+        return await _to_upstream(request, runtime, resolve_path_for(ref), "resolve")
     except CatalogError as exc:
+        location = router.locate(client)[0]
         if exc.error_code in _NEEDS_TOKEN and "Authorization" in request.headers:
             # Hidden from our tokenless catalog (private, or gated files), but maybe not from
             # this client's token: upstream decides.
-            return await _to_upstream(request, runtime, resolve_path_for(ref))
+            _record(request, runtime, "upstream", "token_holder", location=location)
+            return await _to_upstream(request, runtime, resolve_path_for(ref), "resolve")
+        _record(request, runtime, "error", _error_reason(exc), location=location)
         return catalog_error(exc)
     route, meta = plan.route, plan.meta
     node = route.decision.node
+    _record(
+        request,
+        runtime,
+        "node" if node else "upstream",
+        "metalink" if as_metalink else route.decision.reason,
+        # A Metalink lists every source: it is not a redirect to one node.
+        node=node.id if node and not as_metalink else None,
+        location=route.location,
+        decision_seconds=plan.decision_seconds,
+    )
+    if as_metalink:
+        return metalink_response(runtime, plan)
     store = runtime.store
     if node is not None:
         store.redirects.count(node.id)
@@ -150,6 +231,9 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         PRIVATE_CACHE_CONTROL,
         node.id if node else UPSTREAM_NODE_NAME,
     )
+    links = link_header(runtime, plan, router.config.responses.duplicate_links)
+    if links is not None:
+        headers["Link"] = links
     if route.shared_cacheable:
         headers["Cache-Control"] = router.shared_cache_control
         # cdn-geo mode guarantees the header is configured (checked at config load).
@@ -166,12 +250,61 @@ async def api(request: web.Request) -> web.StreamResponse:
     if any(part in ("..", ".") for part in raw_path.split("/")) or "%2e" in raw_path.lower():
         return json_error(400, "path_traversal", f"dot segments in {_describe_path(raw_path)}")
     rewrite: Rewrite = "entries" if _ENTRIES_API.match(raw_path) else "stream"
+    return await _to_upstream(request, runtime, request.rel_url.raw_path_qs, "api", rewrite)
+
+
+async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
+    body, content_type = request.app[RUNTIME].metrics.render(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def route_label(path: str) -> RouteLabel:
+    if path.startswith(API_PREFIX):
+        return "api"
+    if path.startswith("/admin/"):
+        return "admin"
+    if path.startswith("/explain/"):
+        return "explain"
+    if path in ("/healthz", "/readyz"):
+        return "health"
+    if path == "/metrics":
+        return "metrics"
+    return "resolve"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, duration metrics and the access log line, for every request."""
+    started = time.perf_counter()
+    request[REQUEST_ID] = request_id(request.headers.get("X-Request-ID"))
     try:
-        return await runtime.proxy.forward(
-            request,
-            request.rel_url.raw_path_qs,
-            public_origin=_public_origin(request, runtime.router.config.server),
-            rewrite=rewrite,
-        )
-    except UpstreamError as exc:
-        return json_error(exc.status, "upstream_error", exc.message, {"Retry-After": "5"})
+        response = await handler(request)
+    except (ConnectionError, web.HTTPException):
+        raise
+    except Exception:  # the last line of defence: a bug still answers JSON, never a traceback
+        log.exception("unhandled error for request %s", request[REQUEST_ID])
+        response = json_error(500, "internal_error", "internal error; see the gateway log")
+    seconds = time.perf_counter() - started
+    runtime = request.app[RUNTIME]
+    runtime.metrics.request_done(
+        route_label(request.path), request.method, response.status, seconds
+    )
+    if runtime.router.config.logging.access:
+        fields: dict[str, Any] = {
+            "request_id": request[REQUEST_ID],
+            "method": request.method,
+            "path": request.rel_url.raw_path[:300],
+            "status": response.status,
+            "duration_ms": round(seconds * 1000, 3),
+            "peer": request.remote,
+        }
+        fields.update(request.get(ACCESS_FIELDS, {}))
+        log_access(fields)
+    return response
+
+
+async def add_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Before headers go out (streamed answers included): echo the request id."""
+    rid = request.get(REQUEST_ID)
+    if rid is not None:
+        response.headers["X-Request-ID"] = rid

@@ -32,6 +32,8 @@ class Plan:
     meta: FileMeta
     #: Nodes that would serve another commit than upstream's (bounded freshness).
     node_revisions: Mapping[str, str]
+    #: Time the routing decision itself took (filter, score, choose).
+    decision_seconds: float
 
 
 async def revision_of(runtime: Runtime, ref: FileRef) -> RepoRevision:
@@ -58,6 +60,7 @@ async def plan_route(
         router.config.nodes, pinned, ref.revision, time.time() if now is None else now
     )
     store = runtime.store
+    started = time.perf_counter()
     route = router.route(
         pinned,
         client,
@@ -67,7 +70,8 @@ async def plan_route(
         node_revisions,
         warm_caches,
     )
+    decision_seconds = time.perf_counter() - started
     if route.revision != revision.commit:
         older = await revision_of(runtime, ref.with_revision(route.revision))
         meta = entry_for(older, ref.filename)
-    return Plan(ref, revision, route, meta, node_revisions)
+    return Plan(ref, revision, route, meta, node_revisions, decision_seconds)

@@ -136,7 +136,7 @@ def _service_area_miss(node: NodeConfig, client: Location) -> str | None:
     return f"client in {where} (AS{client.asn or '?'}) is outside the node's service area"
 
 
-def _distance(node: NodeConfig, client: Location) -> float | None:
+def distance_to(node: NodeConfig, client: Location) -> float | None:
     if (
         client.latitude is None
         or client.longitude is None
@@ -214,7 +214,7 @@ def filter_nodes(
                 )
             )
             continue
-        distance = _distance(node, client)
+        distance = distance_to(node, client)
         candidate = Candidate(node, tier, distance, score(distance, status, policy))
         if status.load is not None and status.load >= 1.0:
             excluded.append(

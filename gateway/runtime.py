@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway.catalog import Catalog
+from gateway.metrics import GatewayMetrics, GatewaySample, NodeSample
 from gateway.probe import Prober
 from gateway.router import Router
 from gateway.store import StateStore
@@ -33,6 +37,8 @@ class Runtime:
         self.catalog = catalog
         self.sync = sync
         self.proxy = proxy
+        # A registry per runtime: several gateways in one test process must not collide.
+        self.metrics = GatewayMetrics(self.sample, CollectorRegistry())
 
     def adopt(self, router: Router) -> None:
         self.router = router
@@ -40,6 +46,60 @@ class Runtime:
         if self.prober is not None:
             self.prober.reconfigure(router.config.nodes, router.config.probing)
         self.sync.reconfigure(router.config.nodes, router.config.sync)
+
+    def sample(self) -> GatewaySample:
+        """Live state for the scrape-time metrics collector (never on the request path)."""
+        config = self.router.config
+        live = self.store.live
+        total_capacity = sum(n.capacity.connections or 0 for n in config.nodes)
+        now = time.time()
+        nodes = []
+        for node in config.nodes:
+            status = live.statuses.get(node.id)
+            probes = live.probe_records(node.id)
+            holdings = self.sync.holdings.get(node.id)
+            newest_sync = (
+                max(
+                    (
+                        c.synced_at
+                        for commits in holdings.commits.values()
+                        for c in commits.values()
+                    ),
+                    default=None,
+                )
+                if holdings is not None
+                else None
+            )
+            capacity = node.capacity.connections
+            nodes.append(
+                NodeSample(
+                    node_id=node.id,
+                    up=status is not None and status.up,
+                    admin_mode=live.admin_mode(node.id),
+                    probe_latency_s={
+                        p.vantage: p.latency_ms / 1000 for p in probes if p.latency_ms is not None
+                    },
+                    last_ok_at={
+                        p.vantage: p.last_ok_at for p in probes if p.last_ok_at is not None
+                    },
+                    load_ratio=status.load if status is not None else None,
+                    capacity_share=capacity / total_capacity
+                    if capacity and total_capacity
+                    else None,
+                    sync_lag_s=now - newest_sync if newest_sync is not None else None,
+                )
+            )
+        degraded = self.store.degraded_reason is not None
+        return GatewaySample(
+            nodes=tuple(nodes),
+            catalog=self.catalog.stats(),
+            redis_configured=config.redis.url is not None,
+            redis_connected=config.redis.url is not None and not degraded,
+            degraded=degraded,
+            geoip_build_time={
+                db.role: db.build_time.timestamp() for db in self.router.locator.databases
+            },
+        )
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

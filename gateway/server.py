@@ -24,6 +24,7 @@ from gateway.app import create_app
 from gateway.catalog import Catalog
 from gateway.config import ConfigError, GatewayConfig
 from gateway.geo import GeoDataError, MaxMindLocator
+from gateway.http import metrics_endpoint
 from gateway.probe import Prober
 from gateway.router import Router
 from gateway.runtime import RUNTIME, Runtime
@@ -170,6 +171,21 @@ def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:
     log.info("config reloaded: %d nodes", len(config.nodes))
 
 
+async def _serve_metrics_apart(app: web.Application, config: GatewayConfig) -> web.AppRunner | None:
+    """/metrics on its own listener when ``metrics.port`` is set (kept off the public port)."""
+    metrics = config.metrics
+    if not metrics.enabled or metrics.port is None:
+        return None
+    metrics_app = web.Application()
+    metrics_app[RUNTIME] = app[RUNTIME]
+    metrics_app.router.add_get("/metrics", metrics_endpoint)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, metrics.host, metrics.port).start()
+    log.info("metrics on %s:%d", metrics.host, metrics.port)
+    return runner
+
+
 async def serve(
     router: Router,
     load_config: Callable[[], GatewayConfig],
@@ -187,6 +203,7 @@ async def serve(
     site = web.TCPSite(runner, host, port)
     await site.start()
     log.info("serving on %s:%d with %d nodes", host, port, len(config.nodes))
+    metrics_runner = await _serve_metrics_apart(app, config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -196,5 +213,7 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down")
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         app[RUNTIME].router.locator.close()

@@ -13,7 +13,9 @@ Manifest format (JSON, UTF-8, at most ``max_bytes``)::
                 "refs": {"main": "<40-hex sha>"},
                 "commits": {"<40-hex sha>": {"synced_at": 1732400000.0,
                                              "files": [{"path": "config.json", "size": 123,
-                                                        "sha256": "<64 hex>"}]}}}]}
+                                                        "sha256": "<64 hex>",
+                                                        "pieces": {"length": 262144,
+                                                                   "sha256": ["<64 hex>"]}}]}}}]}
 
 - ``node``: the node's id as configured in the gateway; a manifest of another node is refused.
 - ``generated_at``, ``synced_at``: Unix times (numbers >= 0) of the node's clock.
@@ -22,6 +24,9 @@ Manifest format (JSON, UTF-8, at most ``max_bytes``)::
   commit of it.
 - ``commits``: a commit sha -> when the node finished syncing it and the files it holds of it
   (``size`` in bytes, ``sha256`` of the content, both lowercase hex).
+- ``pieces`` (optional, per file): the sha256 of each ``length``-byte piece of the content, the
+  last one shorter; exactly ``ceil(size / length)`` of them. Metalinks pass them on, so that a
+  client can tell which source sent a bad piece and fetch it again elsewhere.
 
 Parsing is strict: a wrong type, a missing key, a malformed sha or path, a key given twice or a
 repository, commit or file listed twice refuses the whole manifest with a ``ManifestError``
@@ -51,7 +56,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, get_args
 
@@ -107,11 +112,21 @@ class ManifestError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Pieces:
+    #: Bytes per piece; the last piece may be shorter.
+    length: int
+    #: sha256 of each piece, in order.
+    sha256: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CommitHolding:
     #: When the node finished syncing this commit (node's clock).
     synced_at: float
     #: path -> (size, sha256)
     files: Mapping[str, tuple[int, str]]
+    #: path -> piece hashes, for the files the node publishes them for
+    pieces: Mapping[str, Pieces] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,10 +281,26 @@ def _file_path(value: object, where: str) -> str:
     raise ManifestError(f"manifest {where}: {_show(value)} {problem}")
 
 
+def _pieces(value: object, size: int, where: str) -> Pieces:
+    data = _object(value, where)
+    length = _size(_required(data, "length", where), f"{where}.length")
+    if length == 0:
+        raise ManifestError(f"manifest {where}.length: expected an integer > 0, got 0")
+    hashes = _array(_required(data, "sha256", where), f"{where}.sha256")
+    count = (size + length - 1) // length
+    if len(hashes) != count:
+        raise ManifestError(
+            f"manifest {where}.sha256: {len(hashes)} hashes, but {size} bytes make {count} "
+            f"pieces of {length}"
+        )
+    return Pieces(length, tuple(_sha256(h, f"{where}.sha256[{i}]") for i, h in enumerate(hashes)))
+
+
 def _commit_holding(value: object, where: str) -> CommitHolding:
     data = _object(value, where)
     synced_at = _time(_required(data, "synced_at", where), f"{where}.synced_at")
     files: dict[str, tuple[int, str]] = {}
+    pieces: dict[str, Pieces] = {}
     first_at: dict[str, int] = {}
     listed = _array(_required(data, "files", where), f"{where}.files")
     for i, item in enumerate(listed):
@@ -282,8 +313,10 @@ def _commit_holding(value: object, where: str) -> CommitHolding:
             )
         size = _size(_required(entry, "size", at), f"{at}.size")
         files[path] = (size, _sha256(_required(entry, "sha256", at), f"{at}.sha256"))
+        if entry.get("pieces") is not None:
+            pieces[path] = _pieces(entry["pieces"], size, f"{at}.pieces")
         first_at[path] = i
-    return CommitHolding(synced_at=synced_at, files=files)
+    return CommitHolding(synced_at=synced_at, files=files, pieces=pieces)
 
 
 def parse_manifest(node_id: str, body: bytes, now: float, max_bytes: int) -> NodeHoldings:

@@ -17,12 +17,13 @@ metadata from the node's answer instead of the gateway's redirect, and send the 
 Nodes publish what they hold at ``GET /manifest.json`` in the format the gateway's sync module
 parses (see ``manifest()``), answer ``/health`` (and ``/``, the default probe path), and record
 every request in ``seen``. ``corrupt(path)`` makes a node serve wrong bytes of the same size,
-so the gateway's verification has something to catch.
+so the gateway's verification (and a Metalink client's piece check) has something to catch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -65,6 +66,8 @@ class HfMirrorNode(ThreadedServer):
         refs: ``{(repo_type, repo_id): {ref: sha}}`` the node publishes; None: for each branch
             and tag of the hub, the newest held commit in that ref's history.
         generated_at: the manifest's ``generated_at``; None: the time of each request.
+        piece_length: publish the sha256 of every piece of this many bytes of each file (the
+            manifest's optional ``pieces``); None: no piece hashes.
     """
 
     thread_name = "hf-node"
@@ -79,8 +82,10 @@ class HfMirrorNode(ThreadedServer):
         synced_at: float | Mapping[str, float] | None = None,
         refs: Mapping[RepoKey, Mapping[str, str]] | None = None,
         generated_at: float | None = None,
+        piece_length: int | None = None,
     ) -> None:
         self.name = name
+        self.piece_length = piece_length
         self.hub = hub
         self.mode = mode
         self.refs_override = {k: dict(v) for k, v in refs.items()} if refs is not None else None
@@ -179,8 +184,9 @@ class HfMirrorNode(ThreadedServer):
 
         ``{"node": name, "generated_at": t, "repos": [{"type": "model", "id": "acme/x",
         "refs": {"main": sha}, "commits": {sha: {"synced_at": t, "files": [{"path": p,
-        "size": n, "sha256": hex}]}}}]}``. Sizes and sha256 are of the TRUE content, also for a
-        corrupted file: the node does not know it serves bad bytes.
+        "size": n, "sha256": hex}]}}}]}``, files with ``"pieces": {"length": n, "sha256": [hex,
+        ...]}`` when the node has a ``piece_length``. Sizes and hashes are of the TRUE content,
+        also for a corrupted file: the node does not know it serves bad bytes.
         """
         with self._lock:
             return self._manifest()
@@ -192,10 +198,7 @@ class HfMirrorNode(ThreadedServer):
             commits = {}
             for sha, (paths, synced_at) in sorted(self._held[key].items()):
                 commit = repo.commit(sha)
-                files = [
-                    {"path": p, "size": commit.size(p), "sha256": commit.sha256(p)}
-                    for p in sorted(paths)
-                ]
+                files = [self._file_entry(commit, p) for p in sorted(paths)]
                 commits[sha] = {"synced_at": synced_at, "files": files}
             repos.append(
                 {"type": key[0], "id": key[1], "refs": self._refs(repo), "commits": commits}
@@ -204,6 +207,22 @@ class HfMirrorNode(ThreadedServer):
         return {"node": self.name, "generated_at": generated_at, "repos": repos}
 
     # ------------------------------------------------------------------ internals
+
+    def _file_entry(self, commit: Commit, path: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "path": path,
+            "size": commit.size(path),
+            "sha256": commit.sha256(path),
+        }
+        length = self.piece_length
+        if length is not None:
+            body = commit.files[path]
+            hashes = [
+                hashlib.sha256(body[i : i + length]).hexdigest()
+                for i in range(0, len(body), length)
+            ]
+            entry["pieces"] = {"length": length, "sha256": hashes}
+        return entry
 
     def _repo(self, key: RepoKey) -> FakeRepo:
         for repo in self.hub.repos:

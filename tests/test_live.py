@@ -292,7 +292,8 @@ def test_no_redis_command_per_request(
         # Background work (probe writes, flushes, resyncs) continues at its own pace; requests
         # add nothing. Allow the idle rate over the burst's duration, doubled, plus slack.
         assert burst_calls <= 2 * idle_rate * elapsed + 20, (burst_calls, idle_rate, elapsed)
-        assert burst_calls < requests / 10
+        # Even one command per request would show as ~1000 calls beyond the background.
+        assert burst_calls - idle_rate * elapsed < requests / 20
     finally:
         assert gateway.stop() == 0
 

@@ -73,6 +73,12 @@ class ThreadedServer:
         async def shutdown() -> None:
             for runner in self._runners:
                 await runner.cleanup()
+            # Connections still open (a client's keep-alive) leave handler tasks behind; end
+            # them here rather than leave them to die noisily with the loop.
+            leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(15)

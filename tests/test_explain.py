@@ -1,0 +1,555 @@
+"""Explain: every node with its live state and why it was chosen or excluded, as data and as a
+page; client overrides need the admin token; explaining counts no redirect and changes nothing.
+
+One world serves these tests and tests/test_metalink.py (which imports its helpers): a Beijing
+client in AS4134 and, in China, two good mirrors (``bj`` in the client's network, ``sh`` in
+Shanghai), a mirror one commit behind (``lag``), one serving corrupt bytes (``bad``), and a node
+excluded for each other reason the policy has. ``routing.max_tier`` is ``country``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+from fake_hub import FakeHub
+from geoworld import ASHBURN_IP, BEIJING_IP, TOKYO_IP
+from hf_nodes import HfMirrorNode
+from test_http import BAD_PATHS, HF_ERRORS, GatewayTestServer, gateway_config, raw_exchange
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig, GeoIPConfig
+from gateway.explain import render_html
+from gateway.geo import MaxMindLocator
+from gateway.router import Router
+from gateway.runtime import RUNTIME, Runtime
+from gateway.server import build_runtime, handler_limits
+from gateway.state import LoadRecord, ProbeRecord
+
+ADMIN_TOKEN = "explain-test-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+FROM_BEIJING = {"X-Forwarded-For": BEIJING_IP}
+TINY = ("model", "acme/tiny-model")
+CONFIG_JSON = "/acme/tiny-model/resolve/main/config.json"
+WEIGHTS = "/acme/tiny-model/resolve/main/model.safetensors"
+#: Piece hashes of 256 KiB: the 3 MiB weights make 12 pieces.
+PIECE_LENGTH = 256 * 1024
+#: Mirrors that answer (the rest of the nodes are never contacted: probing is off).
+MIRRORS = ("bj", "sh", "lag", "bad")
+
+AiohttpClient = Callable[..., Any]
+Client = TestClient[web.Request, web.Application]
+
+
+def start_mirrors(hub: FakeHub) -> dict[str, HfMirrorNode]:
+    tiny = hub.repo("acme/tiny-model")
+    mirrors = {
+        "bj": HfMirrorNode("bj", hub, piece_length=PIECE_LENGTH),
+        "sh": HfMirrorNode("sh", hub, piece_length=PIECE_LENGTH),
+        # Holds v1.0 only while main is at v2: it must get nothing of main.
+        "lag": HfMirrorNode("lag", hub, {TINY: [tiny.refs["v1.0"]]}),
+        "bad": HfMirrorNode("bad", hub, piece_length=PIECE_LENGTH),
+    }
+    # Its manifest stays truthful: only the gateway's verification can tell.
+    mirrors["bad"].corrupt("config.json")
+    return mirrors
+
+
+def _mirror(
+    node_id: str, node: HfMirrorNode, lat: float, lon: float, asns: list[int]
+) -> dict[str, Any]:
+    return {
+        "id": node_id,
+        "url": node.url,
+        "country": "CN",
+        "latitude": lat,
+        "longitude": lon,
+        "asns": asns,
+        "manifest_url": node.manifest_url,
+    }
+
+
+def _elsewhere(node_id: str, **extra: Any) -> dict[str, Any]:
+    """A node that is never contacted; Guangzhou unless said otherwise."""
+    return {
+        "id": node_id,
+        "url": f"https://{node_id}.mirror.test",
+        "country": "CN",
+        "latitude": 23.13,
+        "longitude": 113.26,
+        **extra,
+    }
+
+
+def world_nodes(mirrors: dict[str, HfMirrorNode]) -> list[dict[str, Any]]:
+    return [
+        _mirror("bj", mirrors["bj"], 39.90, 116.41, [4134]),
+        _mirror("sh", mirrors["sh"], 31.23, 121.47, [4837]),
+        _mirror("lag", mirrors["lag"], 23.13, 113.26, []),
+        _mirror("bad", mirrors["bad"], 23.13, 113.26, []),
+        _elsewhere("off", enabled=False),
+        _elsewhere("admin-off"),
+        _elsewhere(
+            "hk", country="HK", latitude=22.32, longitude=114.17, serves={"countries": ["HK"]}
+        ),
+        _elsewhere("jp", country="JP", latitude=35.68, longitude=139.65),
+        _elsewhere("down"),
+        _elsewhere("drain"),
+        # A load URL of its own keeps the redirect-count estimate from replacing its load.
+        _elsewhere("busy", capacity={"connections": 10}, load_url="https://busy.mirror.test/load"),
+        _elsewhere("flaky"),
+    ]
+
+
+@dataclass
+class World:
+    client: Client
+    runtime: Runtime
+    hub: FakeHub
+    mirrors: dict[str, HfMirrorNode]
+
+    @property
+    def main(self) -> str:
+        return self.hub.repo("acme/tiny-model").refs["main"]
+
+    async def get(self, path: str, method: str = "GET", **headers: str) -> ClientResponse:
+        response = await self.client.request(method, path, headers=headers, allow_redirects=False)
+        await response.read()
+        return response
+
+    async def explain(self, path: str, query: str = "", **headers: str) -> tuple[int, Any]:
+        response = await self.get(f"/explain{path}{query}", **headers)
+        return response.status, await response.json()
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def gateway_client(aiohttp_client: AiohttpClient, config: GatewayConfig) -> Client:
+    """The real app in process, as tests/test_http.py runs it."""
+    router = Router(config, MaxMindLocator(config.geoip), random.Random(1))
+    server = GatewayTestServer(create_app(build_runtime(router)))
+    client: Client = await aiohttp_client(server, server_kwargs=handler_limits(config))
+    return client
+
+
+async def open_world(
+    aiohttp_client: AiohttpClient,
+    geoip: GeoIPConfig,
+    hub: FakeHub,
+    mirrors: dict[str, HfMirrorNode],
+    **sections: Any,
+) -> World:
+    """A gateway over the world, once it has read every manifest and caught ``bad``."""
+    settings: dict[str, Any] = {
+        "nodes": world_nodes(mirrors),
+        "sync": {"interval_s": 0.2, "verify_samples": 100},
+        "routing": {"max_tier": "country"},
+        "admin": {"token": ADMIN_TOKEN},
+        **sections,
+    }
+    client = await gateway_client(aiohttp_client, gateway_config(geoip, hub.url, **settings))
+    world = World(client, client.app[RUNTIME], hub, mirrors)
+    now = time.time()
+    store = world.runtime.store
+    await store.publish_probe(ProbeRecord("down", "default", False, "status 503", None, now, None))
+    await store.publish_probe(
+        ProbeRecord("flaky", "default", True, "", 12.0, now, now, transport_failing=True)
+    )
+    await store.publish_load(
+        LoadRecord("busy", "status-json", active_connections=10, measured_at=now)
+    )
+    for node_id, action in (("admin-off", "disable"), ("drain", "drain")):
+        response = await world.client.post(f"/admin/nodes/{node_id}/{action}", headers=ADMIN)
+        assert response.status == 200, await response.text()
+    sync = world.runtime.sync
+    caught = (*TINY, world.main)
+    await until(
+        lambda: all(m in sync.holdings for m in MIRRORS) and caught in sync.failed_for("bad"),
+        "manifests read and the corrupt node caught at main",
+    )
+    return world
+
+
+@pytest.fixture(scope="module")
+def mirrors(fake_hub: FakeHub) -> Iterator[dict[str, HfMirrorNode]]:
+    started = start_mirrors(fake_hub)
+    yield started
+    for node in started.values():
+        node.stop()
+
+
+@pytest.fixture
+async def world(
+    aiohttp_client: AiohttpClient,
+    geoip_config: GeoIPConfig,
+    fake_hub: FakeHub,
+    mirrors: dict[str, HfMirrorNode],
+) -> World:
+    return await open_world(aiohttp_client, geoip_config, fake_hub, mirrors)
+
+
+# --------------------------------------------------------------------------- the report
+
+#: node -> (outcome, reason, a piece of the detail)
+EXPECTED_NODES = {
+    "bj": ("chosen", "same_asn", "rank 1 of 2 eligible"),
+    "sh": ("eligible", "eligible", "rank 2 of 2"),
+    "lag": ("excluded", "missing_revision", "does not hold commit"),
+    "bad": ("excluded", "missing_revision", "failed verification of"),
+    "off": ("excluded", "disabled", "enabled: false"),
+    "admin-off": ("excluded", "admin_disabled", "operator"),
+    "hk": ("excluded", "outside_service_area", "outside the node's service area"),
+    "jp": ("excluded", "beyond_max_tier", "policy allows up to country"),
+    "down": ("excluded", "down", "status 503"),
+    "drain": ("excluded", "draining", "draining"),
+    "busy": ("excluded", "at_capacity", "load 100%"),
+    "flaky": ("excluded", "transport_failing", "timed out or could not connect"),
+}
+
+
+async def test_every_node_appears_with_its_reason(world: World) -> None:
+    status, report = await world.explain(CONFIG_JSON, **FROM_BEIJING)
+    assert status == 200
+    nodes = {n["node"]: n for n in report["nodes"]}
+    assert [n["node"] for n in report["nodes"]][:2] == ["bj", "sh"], "eligible nodes first"
+    assert set(nodes) == set(EXPECTED_NODES)
+    for node_id, (outcome, reason, detail) in EXPECTED_NODES.items():
+        assert (nodes[node_id]["outcome"], nodes[node_id]["reason"]) == (outcome, reason), node_id
+        assert detail in nodes[node_id]["detail"], (node_id, nodes[node_id]["detail"])
+    assert report["decision"] | {"detail": None} == {
+        "target": "bj",
+        "reason": "same_asn",
+        "detail": None,
+        "location": f"{world.mirrors['bj'].url}/acme/tiny-model/resolve/{world.main}/config.json",
+        "revision": world.main,
+        "shared_cacheable": False,
+    }
+    # The CLI's keys are still there, from the same decision.
+    assert [c["node"] for c in report["candidates"]] == ["bj", "sh"]
+    assert {e["node"]: e["reason"] for e in report["excluded"]} == {
+        k: v[1] for k, v in EXPECTED_NODES.items() if v[0] == "excluded"
+    }
+
+
+async def test_report_shows_client_file_and_live_state(world: World) -> None:
+    _, report = await world.explain(WEIGHTS, **FROM_BEIJING)
+    assert report["client"] == {
+        "ip": BEIJING_IP,
+        "ip_source": "x-forwarded-for",
+        "cdn_country": None,
+        "country": "CN",
+        "continent": "AS",
+        "latitude": 39.9042,
+        "longitude": 116.4074,
+        "asn": 4134,
+        "asn_org": "CHINANET",
+    }
+    weights = world.hub.repo("acme/tiny-model").head()
+    assert report["request"] == {
+        "path": WEIGHTS,
+        "repo_type": "model",
+        "repo_id": "acme/tiny-model",
+        "revision": "main",
+        "file": "model.safetensors",
+        "commit": world.main,
+        "size": weights.size("model.safetensors"),
+        "etag": weights.sha256("model.safetensors"),
+        "lfs": True,
+        "client_override": False,
+    }
+    nodes = {n["node"]: n for n in report["nodes"]}
+    assert nodes["bj"]["tier"] == "asn" and nodes["bj"]["distance_km"] < 1
+    assert nodes["sh"]["tier"] == "country" and 1000 < nodes["sh"]["distance_km"] < 1100
+    assert nodes["sh"]["score"] is not None and nodes["down"]["score"] is None
+    assert nodes["jp"]["tier"] == "continent"
+    assert nodes["down"]["state"] == {
+        "up": False,
+        "down_reason": "status 503",
+        "admin": "active",
+        "latency_ms": None,
+        "load": None,
+        "transport_failing": False,
+    }
+    assert nodes["flaky"]["state"]["latency_ms"] == 12.0
+    assert nodes["flaky"]["state"]["transport_failing"] is True
+    assert nodes["drain"]["state"]["admin"] == "draining"
+    assert nodes["admin-off"]["state"]["admin"] == "disabled"
+    assert nodes["busy"]["state"]["load"] == 1.0
+    assert nodes["bj"]["holds_revision"] is True and nodes["bj"]["sync_detail"] is None
+    assert nodes["lag"]["holds_revision"] is False
+    assert "does not hold commit" in nodes["lag"]["sync_detail"]
+    # Holding the revision is reported whatever else excluded the node.
+    assert nodes["down"]["holds_revision"] is True
+
+
+async def test_everything_at_capacity_chooses_the_last_resort(
+    aiohttp_client: AiohttpClient,
+    geoip_config: GeoIPConfig,
+    fake_hub: FakeHub,
+    mirrors: dict[str, HfMirrorNode],
+) -> None:
+    world = await open_world(aiohttp_client, geoip_config, fake_hub, mirrors)
+    now = time.time()
+    for node_id in ("bj", "sh"):
+        await world.runtime.store.publish_load(
+            LoadRecord(node_id, "status-json", 50, capacity_connections=50, measured_at=now)
+        )
+    _, report = await world.explain(CONFIG_JSON, **FROM_BEIJING)
+    nodes = {n["node"]: n for n in report["nodes"]}
+    assert report["decision"]["reason"] == "at_capacity_last_resort"
+    assert nodes["bj"]["outcome"] == "chosen"
+    assert nodes["bj"]["reason"] == "at_capacity_last_resort"
+    assert nodes["sh"]["outcome"] == "excluded" and nodes["sh"]["reason"] == "at_capacity"
+
+
+async def test_no_eligible_node_means_upstream(world: World) -> None:
+    # No node is in the US, and max_tier is country.
+    _, report = await world.explain(CONFIG_JSON, f"?ip={ASHBURN_IP}", **ADMIN)
+    assert report["decision"]["target"] == "upstream"
+    assert report["decision"]["reason"] == "no_eligible_node"
+    assert report["decision"]["location"].startswith(world.hub.url)
+    assert all(n["outcome"] == "excluded" for n in report["nodes"])
+
+
+@pytest.mark.parametrize(
+    ("path", "lagging"),
+    [
+        ("/datasets/acme/data/resolve/main/README.md", "does not hold dataset acme/data"),
+        ("/acme/tiny-model/resolve/v1.0/config.json", None),
+    ],
+    ids=["dataset", "tag-the-lagging-node-holds"],
+)
+async def test_datasets_and_tags_are_explained(
+    world: World, path: str, lagging: str | None
+) -> None:
+    status, report = await world.explain(path, **FROM_BEIJING)
+    assert status == 200
+    assert report["decision"]["target"] == "bj"
+    lag = next(n for n in report["nodes"] if n["node"] == "lag")
+    assert lag["sync_detail"] == lagging
+    assert lag["outcome"] == ("eligible" if lagging is None else "excluded")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [c[1:4] for c in HF_ERRORS if c[0] != "gated-without-token"],
+    ids=[c[0] for c in HF_ERRORS if c[0] != "gated-without-token"],
+)
+async def test_catalog_errors_as_for_resolve(
+    world: World, path: str, status: int, code: str
+) -> None:
+    response = await world.get(f"/explain{path}", **FROM_BEIJING)
+    assert (response.status, response.headers["X-Error-Code"]) == (status, code)
+    assert response.content_type == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"), [c[1:] for c in BAD_PATHS], ids=[c[0] for c in BAD_PATHS]
+)
+async def test_bad_paths_as_for_resolve(world: World, path: str, status: int, code: str) -> None:
+    client = world.client
+    # A raw socket: HTTP client libraries normalise '..' before sending.
+    request = f"GET /explain{path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+    got, body, headers = await raw_exchange(client.host, client.port, request)
+    assert (got, json.loads(body)["error"]) == (status, code)
+    assert headers["content-type"].startswith("application/json")
+
+
+async def test_upstream_down_is_retryable(
+    aiohttp_client: AiohttpClient, geoip_config: GeoIPConfig
+) -> None:
+    with FakeHub() as hub:
+        hub.failing = True
+        client = await gateway_client(aiohttp_client, gateway_config(geoip_config, hub.url))
+        response = await client.get(f"/explain{CONFIG_JSON}")
+        assert response.status == 503 and "Retry-After" in response.headers
+
+
+async def test_gated_repo_is_upstream_only_and_no_token_leaves(world: World) -> None:
+    before = len(world.hub.seen)
+    status, report = await world.explain(
+        "/acme/gated-model/resolve/main/model.safetensors",
+        **FROM_BEIJING,
+        Authorization="Bearer hf_fake_valid_token",
+    )
+    assert status == 200
+    assert report["decision"] == {
+        "target": "upstream",
+        "reason": "upstream_only",
+        "detail": "upstream only (private or gated)",
+        "location": None,
+        "revision": None,
+        "shared_cacheable": False,
+    }
+    assert report["client"]["country"] == "CN"
+    asked = world.hub.seen[before:]
+    assert all(r.header("Authorization") is None for r in asked), "a token reached upstream"
+    assert not any("/resolve/" in r.path for r in asked), "explain fetched the file"
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+async def test_override_needs_the_admin_token(world: World) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong-token-of-16-chars"}):
+        status, payload = await world.explain(CONFIG_JSON, f"?ip={TOKYO_IP}", **headers)
+        assert status == 403
+        assert "admin token" in payload["message"]
+    status, payload = await world.explain(CONFIG_JSON, "?country=JP", **FROM_BEIJING)
+    assert status == 403
+
+    status, report = await world.explain(CONFIG_JSON, f"?ip={TOKYO_IP}", **ADMIN)
+    assert status == 200
+    assert report["client"]["ip"] == TOKYO_IP and report["client"]["country"] == "JP"
+    assert report["request"]["client_override"] is True
+    assert report["decision"]["target"] == "jp"
+
+
+async def test_country_override_gives_the_cdn_view(world: World) -> None:
+    status, report = await world.explain(CONFIG_JSON, f"?ip={TOKYO_IP}&country=cn", **ADMIN)
+    assert status == 200
+    assert report["client"]["cdn_country"] == "CN" and report["client"]["country"] == "CN"
+    assert report["decision"]["target"] in {"bj", "sh"}
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [("?ip=1.2.3", "bad_ip"), ("?ip=", "bad_ip"), ("?ip=1.2.3.4&country=CHN", "bad_country")],
+)
+async def test_bad_override(world: World, query: str, code: str) -> None:
+    status, payload = await world.explain(CONFIG_JSON, query, **ADMIN)
+    assert (status, payload["error"]) == (400, code)
+
+
+async def test_override_refused_while_the_admin_api_is_off(
+    aiohttp_client: AiohttpClient,
+    geoip_config: GeoIPConfig,
+    fake_hub: FakeHub,
+    mirrors: dict[str, HfMirrorNode],
+) -> None:
+    config = gateway_config(geoip_config, fake_hub.url, nodes=world_nodes(mirrors)[:2])
+    client = await gateway_client(aiohttp_client, config)
+    response = await client.get(f"/explain{CONFIG_JSON}?ip={TOKYO_IP}", headers=ADMIN)
+    assert response.status == 403
+    assert "admin.token unset" in (await response.json())["message"]
+
+
+# --------------------------------------------------------------------------- no side effects
+
+
+async def test_explain_counts_no_redirect_and_changes_no_state(world: World) -> None:
+    store = world.runtime.store
+    statuses = dict(store.live.statuses)
+    for _ in range(3):
+        assert (await world.explain(CONFIG_JSON, **FROM_BEIJING))[0] == 200
+        assert (await world.explain(CONFIG_JSON, f"?ip={TOKYO_IP}", **ADMIN))[0] == 200
+    assert store.redirects.current == {}
+    assert store.live.statuses == statuses
+    # The same request as a download is counted.
+    assert (await world.get(CONFIG_JSON, **FROM_BEIJING)).status == 302
+    assert store.redirects.current == {"bj": 1}
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+class _Structure(HTMLParser):
+    """Fails on tags closed out of order; records text and start tags."""
+
+    VOID = frozenset({"meta", "br", "hr", "img", "input", "link"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.tags: list[str] = []
+        self.attributes: set[str] = set()
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attributes.update(name for name, _ in attrs)
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes {self.open[-1:]}"
+        self.open.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse_page(page: str) -> _Structure:
+    parser = _Structure()
+    parser.feed(page)
+    parser.close()
+    assert parser.open == [], f"unclosed: {parser.open}"
+    return parser
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"},
+        {"Accept": "*/*"},
+    ],
+    ids=["browser", "format-param"],
+)
+async def test_html_page(world: World, headers: dict[str, str]) -> None:
+    query = "" if "text/html" in headers["Accept"] else "?format=html"
+    response = await world.get(f"/explain{CONFIG_JSON}{query}", **FROM_BEIJING, **headers)
+    assert response.status == 200 and response.content_type == "text/html"
+    assert response.headers["Cache-Control"] == "private, no-store"
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    page = parse_page(await response.text())
+    text = " ".join(page.text)
+    for node_id, (outcome, reason, _) in EXPECTED_NODES.items():
+        assert node_id in text and reason in text and outcome in text
+
+
+async def test_json_is_the_default(world: World) -> None:
+    for accept in ("*/*", "application/json", "text/html;q=0.5, application/json"):
+        response = await world.get(f"/explain{CONFIG_JSON}", Accept=accept)
+        assert response.content_type == "application/json", accept
+    status, payload = await world.explain(CONFIG_JSON, "?format=xml")
+    assert (status, payload["error"]) == (400, "bad_format")
+
+
+def test_html_escapes_everything() -> None:
+    hostile = "<script>alert('x')</script>"
+    report = {
+        "request": {"path": f"/a/b/resolve/main/{hostile}"},
+        "client": {"ip": hostile, "country": '"><img src=x onerror=alert(1)>'},
+        "decision": {"target": hostile, "reason": hostile},
+        "nodes": [
+            {
+                "node": hostile,
+                "outcome": f'chosen" onmouseover="{hostile}',
+                "reason": hostile,
+                "detail": "a & b < c",
+                "state": {"up": True, "down_reason": hostile},
+            }
+        ],
+    }
+    page = render_html(report)
+    parsed = parse_page(page)
+    assert "script" not in parsed.tags and "img" not in parsed.tags
+    assert parsed.attributes == {"lang", "charset", "class"}
+    assert hostile in " ".join(parsed.text), "shown as text"
