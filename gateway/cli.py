@@ -32,6 +32,7 @@ from gateway.geo import GeoDataError
 from gateway.hfpath import PathError, parse_resolve_path
 from gateway.logs import configure_logging
 from gateway.server import build_router, serve
+from gateway.workers import WORKER_FLAG, Supervisor
 
 log = logging.getLogger("gateway")
 
@@ -56,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="listen address (overrides server.host)")
     serve_cmd.add_argument("--port", type=int, help="listen port (overrides server.port)")
     serve_cmd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    serve_cmd.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes sharing the port with SO_REUSEPORT (default: number of CPUs)",
+    )
+    serve_cmd.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
 
     check_cmd = commands.add_parser("check-config", help="validate a config file and exit")
     check_cmd.add_argument("--config", help=config_help)
@@ -169,15 +177,39 @@ def _nodes(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if args.workers < 1:
+        print(f"--workers: {args.workers} is not allowed; allowed: 1 or more", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
     listener = configure_logging(args.log_level, config.logging.format)
     try:
+        if args.workers > 1 and not args.as_worker:
+            if not config.redis.url:
+                log.warning(
+                    "%d workers without redis.url: each worker keeps its own node state, "
+                    "probes for itself and takes admin changes alone; set redis.url",
+                    args.workers,
+                )
+            worker_argv = [
+                "serve", "--host", host, "--port", str(port), "--log-level", args.log_level,
+                "--workers", "1",
+                *(["--config", path] if (path := resolve_config_path(args.config)) else []),
+            ]  # fmt: skip
+            return Supervisor(worker_argv, args.workers).run()
         router, warnings = build_router(config)
         for warning in warnings:
             log.warning("%s", warning)
-        host = args.host or config.server.host
-        port = config.server.port if args.port is None else args.port
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(router, lambda: _load(args.config), host=host, port=port))
+            runner.run(
+                serve(
+                    router,
+                    lambda: _load(args.config),
+                    host=host,
+                    port=port,
+                    shared_port=args.as_worker,
+                )
+            )
     finally:
         listener.stop()
     return 0

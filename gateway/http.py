@@ -92,6 +92,8 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 async def readyz(request: web.Request) -> web.StreamResponse:
     """Ready whenever serving: a degraded gateway still routes, from its last known state."""
     runtime = request.app[RUNTIME]
+    if runtime.stopping:
+        return json_error(503, "stopping", "the gateway is shutting down")
     degraded = [runtime.store.degraded_reason] if runtime.store.degraded_reason else []
     statuses = runtime.store.live.statuses
     return web.json_response(

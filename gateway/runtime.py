@@ -30,6 +30,7 @@ class Runtime:
         catalog: Catalog,
         sync: SyncTracker,
         proxy: UpstreamProxy,
+        metrics_dir: str | None = None,
     ) -> None:
         self.router = router
         self.store = store
@@ -38,7 +39,11 @@ class Runtime:
         self.sync = sync
         self.proxy = proxy
         # A registry per runtime: several gateways in one test process must not collide.
-        self.metrics = GatewayMetrics(self.sample, CollectorRegistry())
+        self.metrics = GatewayMetrics(
+            self.sample, CollectorRegistry(), multiprocess_dir=metrics_dir
+        )
+        #: Set when shutdown begins, so load balancers stop sending before the listener closes.
+        self.stopping = False
 
     def adopt(self, router: Router) -> None:
         self.router = router

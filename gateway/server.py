@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -32,8 +33,12 @@ from gateway.state import LiveState, RedirectCounter
 from gateway.store import InProcessStore, RedisStore, StateStore
 from gateway.sync import SyncTracker
 from gateway.upstream import UpstreamProxy
+from gateway.workers import MULTIPROC_ENV_VAR
 
 log = logging.getLogger("gateway.server")
+
+#: How long requests in flight may take to finish after SIGTERM.
+SHUTDOWN_GRACE_S = 20.0
 
 
 def _parser_error_code(exc: BaseException | None) -> str:
@@ -91,8 +96,10 @@ class _JsonErrorServer(Server):
 class GatewayRunner(web.AppRunner):
     """An ``AppRunner`` whose connections answer parser-level errors with JSON."""
 
-    def __init__(self, app: web.Application, **handler_kwargs: Any) -> None:
-        super().__init__(app, **handler_kwargs)
+    def __init__(
+        self, app: web.Application, *, shutdown_timeout: float = 60.0, **handler_kwargs: Any
+    ) -> None:
+        super().__init__(app, shutdown_timeout=shutdown_timeout, **handler_kwargs)
         self._handler_kwargs = handler_kwargs
 
     async def _make_server(self) -> Server:
@@ -115,8 +122,11 @@ def build_router(config: GatewayConfig) -> tuple[Router, tuple[str, ...]]:
     return Router(config, locator), locator.warnings
 
 
-def build_runtime(router: Router) -> Runtime:
-    """Live state in Redis when ``redis.url`` is set, else in this process; a prober if on."""
+def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
+    """Live state in Redis when ``redis.url`` is set, else in this process; a prober if on.
+
+    ``metrics_dir``: the shared metrics directory of a multi-worker server.
+    """
     config = router.config
     live = LiveState(config.nodes, vantage=config.probing.vantage, probing=config.probing.enabled)
     redirects = RedirectCounter()
@@ -142,7 +152,9 @@ def build_runtime(router: Router) -> Runtime:
         config.upstream, config.catalog, redis_url=config.redis.url, redis_config=config.redis
     )
     sync = SyncTracker(config.nodes, config.sync, catalog, timeout_s=config.probing.timeout_s)
-    return Runtime(router, store, prober, catalog, sync, UpstreamProxy(config.upstream))
+    return Runtime(
+        router, store, prober, catalog, sync, UpstreamProxy(config.upstream), metrics_dir
+    )
 
 
 #: Settings read once at start; a reload that changes them only warns.
@@ -171,7 +183,9 @@ def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:
     log.info("config reloaded: %d nodes", len(config.nodes))
 
 
-async def _serve_metrics_apart(app: web.Application, config: GatewayConfig) -> web.AppRunner | None:
+async def _serve_metrics_apart(
+    app: web.Application, config: GatewayConfig, shared_port: bool
+) -> web.AppRunner | None:
     """/metrics on its own listener when ``metrics.port`` is set (kept off the public port)."""
     metrics = config.metrics
     if not metrics.enabled or metrics.port is None:
@@ -181,7 +195,7 @@ async def _serve_metrics_apart(app: web.Application, config: GatewayConfig) -> w
     metrics_app.router.add_get("/metrics", metrics_endpoint)
     runner = web.AppRunner(metrics_app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, metrics.host, metrics.port).start()
+    await web.TCPSite(runner, metrics.host, metrics.port, reuse_port=shared_port).start()
     log.info("metrics on %s:%d", metrics.host, metrics.port)
     return runner
 
@@ -192,18 +206,29 @@ async def serve(
     *,
     host: str,
     port: int,
+    shared_port: bool = False,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config."""
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config.
+
+    ``shared_port``: one of several workers on the port (SO_REUSEPORT, shared-file metrics).
+    On SIGTERM /readyz turns 503 at once, the listener closes and requests in flight finish
+    (up to ``SHUTDOWN_GRACE_S``).
+    """
     config = router.config
-    app = create_app(build_runtime(router))
+    metrics_dir = os.environ.get(MULTIPROC_ENV_VAR) if shared_port else None
+    app = create_app(build_runtime(router, metrics_dir=metrics_dir))
     runner = GatewayRunner(
-        app, access_log=None, handler_cancellation=True, **handler_limits(config)
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        **handler_limits(config),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=shared_port)
     await site.start()
     log.info("serving on %s:%d with %d nodes", host, port, len(config.nodes))
-    metrics_runner = await _serve_metrics_apart(app, config)
+    metrics_runner = await _serve_metrics_apart(app, config, shared_port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -213,6 +238,7 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down")
+        app[RUNTIME].stopping = True
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()

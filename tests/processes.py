@@ -59,6 +59,7 @@ class GatewayProcess:
         tmp_path: Path,
         *,
         env: dict[str, str] | None = None,
+        workers: int = 1,
     ) -> None:
         self.port = free_port()
         if isinstance(config, dict):
@@ -70,7 +71,7 @@ class GatewayProcess:
         self._log_file = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--host", "127.0.0.1", "--port", str(self.port)],
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)],
             stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO,
             env={**_base_env(), **(env or {})},
         )  # fmt: skip
