@@ -221,7 +221,7 @@ async def explain_request(
     """
     now = time.time()
     try:
-        plan = await plan_route(runtime, ref, client, now=now)
+        plan = await plan_route(runtime, ref, client, now=now, full=True)
     except UpstreamOnly:
         location, _ = runtime.router.locate(client)
         return {

@@ -194,7 +194,7 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     )
     try:
         target, as_metalink = await metalink_target(runtime, ref, request.headers.get("Accept"))
-        plan = await plan_route(runtime, target, client)
+        plan = await plan_route(runtime, target, client, full=as_metalink)
     except UpstreamOnly:
         # Private and gated files need the client's token: only upstream may see it.
         location = router.locate(client)[0]

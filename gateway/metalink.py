@@ -149,6 +149,10 @@ def _same_file(runtime: Runtime, plan: Plan, commit: str) -> bool:
     return listing is not None and listing.get(plan.ref.filename) == plan.meta
 
 
+#: RFC 5854's lowest priority: upstream is the source of last resort.
+UPSTREAM_PRIORITY = 999999
+
+
 def sources(runtime: Runtime, plan: Plan) -> list[Source]:
     """The nodes the policy accepted, best first, each at the commit it serves, then upstream."""
     ref, route = plan.ref, plan.route
@@ -159,11 +163,12 @@ def sources(runtime: Runtime, plan: Plan) -> list[Source]:
         if _same_file(runtime, plan, commit):
             found.append((node_url(node, ref.with_revision(commit)), node.country, node.id))
     upstream = upstream_url(runtime.router.config.upstream.url, ref.with_revision(route.revision))
-    found.append((upstream, None, None))
-    return [
+    ranked = [
         Source(url, priority, country.lower() if country else None, node_id)
         for priority, (url, country, node_id) in enumerate(found, 1)
     ]
+    # Upstream always ranks last, whatever number of nodes a redirect had weighed.
+    return [*ranked, Source(upstream, UPSTREAM_PRIORITY, None, None)]
 
 
 def _listed(runtime: Runtime, plan: Plan) -> Iterator[tuple[str, Pieces | None]]:

@@ -46,18 +46,24 @@ async def revision_of(runtime: Runtime, ref: FileRef) -> RepoRevision:
 
 
 async def plan_route(
-    runtime: Runtime, ref: FileRef, client: ClientAddress, *, now: float | None = None
+    runtime: Runtime,
+    ref: FileRef,
+    client: ClientAddress,
+    *,
+    now: float | None = None,
+    full: bool = False,
 ) -> Plan:
     """Raises ``CatalogError`` (unknown repo, revision or file; upstream unavailable) and
-    ``UpstreamOnly``."""
+    ``UpstreamOnly``. ``full``: weigh every node (explain, Metalink), not just the front of
+    the ranking that a redirect needs."""
     router = runtime.router
     revision = await revision_of(runtime, ref)
     if revision.upstream_only:
         raise UpstreamOnly
     meta = entry_for(revision, ref.filename)
     pinned = ref.with_revision(revision.commit)
-    unavailable, node_revisions, warm_caches = runtime.sync.availability(
-        router.config.nodes, pinned, ref.revision, time.time() if now is None else now
+    revisions = runtime.sync.revision_check(
+        pinned, ref.revision, time.time() if now is None else now
     )
     store = runtime.store
     started = time.perf_counter()
@@ -66,12 +72,11 @@ async def plan_route(
         client,
         store.live.statuses,
         store.redirects.current,
-        unavailable,
-        node_revisions,
-        warm_caches,
+        revisions,
+        full=full,
     )
     decision_seconds = time.perf_counter() - started
     if route.revision != revision.commit:
         older = await revision_of(runtime, ref.with_revision(route.revision))
         meta = entry_for(older, ref.filename)
-    return Plan(ref, revision, route, meta, node_revisions, decision_seconds)
+    return Plan(ref, revision, route, meta, revisions.other_commits, decision_seconds)

@@ -12,10 +12,11 @@ in reserve and used only when no other node can serve. No node at all means upst
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
@@ -161,6 +162,48 @@ def _by_preference(candidate: Candidate) -> tuple[Tier, float, float, str]:
     return candidate.tier, candidate.score, -candidate.node.weight, candidate.node.id
 
 
+def _static_exclusion(
+    node: NodeConfig, client: Location, policy: RoutingConfig, max_tier: Tier
+) -> Exclusion | Tier:
+    """What config alone says of ``node`` for ``client``: an exclusion, or the node's tier."""
+    if not node.enabled:
+        return Exclusion(node, "disabled", "enabled: false in config")
+    miss = _service_area_miss(node, client)
+    if miss is not None:
+        return Exclusion(node, "outside_service_area", miss)
+    tier = tier_of(node, client)
+    if tier > max_tier:
+        return Exclusion(
+            node,
+            "beyond_max_tier",
+            f"closest match is {tier.config_name}, policy allows up to {policy.max_tier}",
+        )
+    return tier
+
+
+def _live_exclusion(
+    node: NodeConfig, status: NodeStatus, policy: RoutingConfig
+) -> Exclusion | None:
+    """What the node's live state says: an exclusion, or None if it may take clients."""
+    if status.disabled:
+        return Exclusion(node, "admin_disabled", "disabled by an operator")
+    if not status.up:
+        return Exclusion(node, "down", status.down_reason or "failing probes")
+    if status.draining:
+        return Exclusion(node, "draining", "draining: takes no new clients")
+    if status.transport_failing and policy.avoid_transport_failing:
+        return Exclusion(node, "transport_failing", "latest probe timed out or could not connect")
+    return None
+
+
+def _at_capacity(status: NodeStatus) -> bool:
+    return status.load is not None and status.load >= 1.0
+
+
+def _capacity_exclusion(node: NodeConfig, status: NodeStatus) -> Exclusion:
+    return Exclusion(node, "at_capacity", f"load {status.load:.0%} of capacity; last resort")
+
+
 def filter_nodes(
     nodes: Iterable[NodeConfig],
     client: Location,
@@ -171,6 +214,7 @@ def filter_nodes(
     """Split nodes into candidates (sorted best first), a reserve, and exclusions with reasons.
 
     ``unavailable`` names the nodes that cannot serve the requested revision, with the reason.
+    This looks at every node, as explain needs; requests use ``decide_ranked``.
     """
     unavailable = unavailable or {}
     max_tier = Tier(TIER_ORDER.index(policy.max_tier))
@@ -178,54 +222,133 @@ def filter_nodes(
     reserve: list[Candidate] = []
     excluded: list[Exclusion] = []
     for node in nodes:
+        static = _static_exclusion(node, client, policy, max_tier)
+        if isinstance(static, Exclusion):
+            excluded.append(static)
+            continue
         status = statuses.get(node.id, NODE_ASSUMED_UP)
-        if not node.enabled:
-            excluded.append(Exclusion(node, "disabled", "enabled: false in config"))
-            continue
-        if status.disabled:
-            excluded.append(Exclusion(node, "admin_disabled", "disabled by an operator"))
-            continue
-        if not status.up:
-            excluded.append(Exclusion(node, "down", status.down_reason or "failing probes"))
-            continue
-        if status.draining:
-            excluded.append(Exclusion(node, "draining", "draining: takes no new clients"))
-            continue
-        if status.transport_failing and policy.avoid_transport_failing:
-            excluded.append(
-                Exclusion(node, "transport_failing", "latest probe timed out or could not connect")
-            )
+        live = _live_exclusion(node, status, policy)
+        if live is not None:
+            excluded.append(live)
             continue
         missing = unavailable.get(node.id)
         if missing is not None:
             excluded.append(Exclusion(node, "missing_revision", missing))
             continue
-        miss = _service_area_miss(node, client)
-        if miss is not None:
-            excluded.append(Exclusion(node, "outside_service_area", miss))
-            continue
-        tier = tier_of(node, client)
-        if tier > max_tier:
-            excluded.append(
-                Exclusion(
-                    node,
-                    "beyond_max_tier",
-                    f"closest match is {tier.config_name}, policy allows up to {policy.max_tier}",
-                )
-            )
-            continue
         distance = distance_to(node, client)
-        candidate = Candidate(node, tier, distance, score(distance, status, policy))
-        if status.load is not None and status.load >= 1.0:
-            excluded.append(
-                Exclusion(node, "at_capacity", f"load {status.load:.0%} of capacity; last resort")
-            )
+        candidate = Candidate(node, static, distance, score(distance, status, policy))
+        if _at_capacity(status):
+            excluded.append(_capacity_exclusion(node, status))
             reserve.append(candidate)
             continue
         accepted.append(candidate)
     accepted.sort(key=_by_preference)
     reserve.sort(key=_by_preference)
     return Filtered(accepted, reserve, excluded)
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """The nodes config allows for one client location, per tier by distance; no live state.
+
+    Built once per location (it depends on nothing else), so a request only walks the front
+    of it.
+    """
+
+    #: Indexed by ``Tier``: (node, distance) pairs, nearest first.
+    tiers: tuple[tuple[tuple[NodeConfig, float | None], ...], ...]
+    excluded: tuple[Exclusion, ...]
+
+
+def rank_nodes(nodes: Iterable[NodeConfig], client: Location, policy: RoutingConfig) -> Ranked:
+    max_tier = Tier(TIER_ORDER.index(policy.max_tier))
+    tiers: list[list[tuple[NodeConfig, float | None]]] = [[] for _ in Tier]
+    excluded: list[Exclusion] = []
+    for node in nodes:
+        static = _static_exclusion(node, client, policy, max_tier)
+        if isinstance(static, Exclusion):
+            excluded.append(static)
+        else:
+            tiers[static].append((node, distance_to(node, client)))
+    for members in tiers:
+        members.sort(key=lambda pair: (pair[1] or 0.0, -pair[0].weight, pair[0].id))
+    return Ranked(tuple(tuple(m) for m in tiers), tuple(excluded))
+
+
+def decide_ranked(
+    ranked: Ranked,
+    statuses: NodeStatuses,
+    policy: RoutingConfig,
+    rng: random.Random,
+    *,
+    unavailable: Callable[[NodeConfig], str | None],
+    key: str = "",
+    recent: Mapping[str, int] | None = None,
+    warm_caches: Container[str] = frozenset(),
+    keep: int = 1,
+) -> Decision:
+    """The same choice as ``decide``, looking only at the nodes that can matter.
+
+    Tier by tier, nodes are visited nearest first. A node's score is at least its distance, so
+    once the distance passes the best score plus the near-equal band, no later node of the tier
+    can join the pool. Visiting goes on only until ``keep`` candidates are known (the next-best
+    sources a redirect names besides the chosen one). ``unavailable`` (revision checks) is
+    asked only of visited nodes. The decision lists the visited candidates, not every
+    exclusion: explain uses ``decide``.
+    """
+    reserve: list[Candidate] = []
+
+    def admit(node: NodeConfig, tier: Tier, distance: float | None) -> Candidate | None:
+        status = statuses.get(node.id, NODE_ASSUMED_UP)
+        if _live_exclusion(node, status, policy) is not None or unavailable(node) is not None:
+            return None
+        candidate = Candidate(node, tier, distance, score(distance, status, policy))
+        if _at_capacity(status):
+            reserve.append(candidate)
+            return None
+        return candidate
+
+    def walk(
+        tier: Tier, members: Sequence[tuple[NodeConfig, float | None]], need: int, pool: bool
+    ) -> list[Candidate]:
+        """The tier's candidates, sorted, exact for the best ``need`` (and for the near-equal
+        pool when ``pool``): a node farther than both bounds cannot score into either."""
+        accepted: list[Candidate] = []
+        scores: list[float] = []
+        for node, distance in members:
+            if accepted:
+                best = scores[0]
+                bound = best + max(policy.near_equal_km, best * policy.near_equal_ratio)
+                needed = scores[need - 1] if len(scores) >= need else math.inf
+                if (distance or 0.0) > max(bound if pool else -math.inf, needed):
+                    break
+            candidate = admit(node, tier, distance)
+            if candidate is not None:
+                accepted.append(candidate)
+                bisect.insort(scores, candidate.score)
+        accepted.sort(key=_by_preference)
+        return accepted
+
+    tiers = [(Tier(value), members) for value, members in enumerate(ranked.tiers)]
+    for position, (tier, members) in enumerate(tiers):
+        accepted = walk(tier, members, keep, pool=True)
+        chosen = choose(accepted, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+        if chosen is None:
+            continue
+        shown = accepted[: max(keep, len(near_equals(accepted, policy)))]
+        for later_tier, later_members in tiers[position + 1 :]:
+            if len(shown) >= keep:
+                break
+            need = keep - len(shown)
+            shown += walk(later_tier, later_members, need, pool=False)[:need]
+        reason = _TIER_REASON[chosen.tier]
+        return Decision(chosen.node, reason, tuple(shown), ranked.excluded)
+    # No tier had an eligible node, so every node was visited: the reserve is complete.
+    reserve.sort(key=_by_preference)
+    last_resort = choose(reserve, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+    if last_resort is not None:
+        return Decision(last_resort.node, "at_capacity_last_resort", (), ranked.excluded)
+    return Decision(None, "no_eligible_node", (), ranked.excluded)
 
 
 def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[Candidate]:
@@ -277,7 +400,7 @@ def choose(
     *,
     key: str = "",
     recent: Mapping[str, int] | None = None,
-    warm_caches: frozenset[str] = frozenset(),
+    warm_caches: Container[str] = frozenset(),
 ) -> Candidate | None:
     """Pick among the near-equal best candidates (input sorted best first).
 
@@ -311,7 +434,7 @@ def decide(
     key: str = "",
     recent: Mapping[str, int] | None = None,
     unavailable: Mapping[str, str] | None = None,
-    warm_caches: frozenset[str] = frozenset(),
+    warm_caches: Container[str] = frozenset(),
 ) -> Decision:
     filtered = filter_nodes(nodes, client, statuses, policy, unavailable)
     excluded = tuple(filtered.excluded)

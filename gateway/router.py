@@ -9,16 +9,48 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from gateway.clientip import ClientAddress, ClientIPResolver
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, NodeConfig
 from gateway.geo import UNKNOWN_LOCATION, GeoLocator, Location, country_location
 from gateway.hfpath import FileRef
-from gateway.policy import Decision, decide
+from gateway.policy import Decision, Ranked, decide, decide_ranked, rank_nodes
 from gateway.state import NO_LIVE_STATE, NodeStatuses
 from gateway.targets import node_url, upstream_url
 
 PRIVATE_CACHE_CONTROL = "private, no-store"
+#: Client locations whose node ranking is kept (GeoIP results repeat per city or network).
+RANKED_LOCATIONS = 8192
+
+
+class RevisionCheck(Protocol):
+    """Which nodes hold the requested revision; asked per node, only of nodes that matter."""
+
+    def reason(self, node: NodeConfig) -> str | None:
+        """Why ``node`` cannot serve the revision, or None if it can."""
+
+    def revision_for(self, node_id: str) -> str | None:
+        """Another commit ``node_id`` would serve (bounded freshness); asked after ``reason``."""
+
+    def __contains__(self, node_id: object) -> bool:
+        """Whether cache node ``node_id`` already holds the file."""
+
+
+class _EveryRevision:
+    """No revision knowledge: every node holds everything (the explain CLI, tests)."""
+
+    def reason(self, node: NodeConfig) -> str | None:
+        return None
+
+    def revision_for(self, node_id: str) -> str | None:
+        return None
+
+    def __contains__(self, node_id: object) -> bool:
+        return False
+
+
+ALL_REVISIONS: RevisionCheck = _EveryRevision()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +75,7 @@ class Router:
         self._rng = rng or random.Random()
         self._cdn_geo_mode = config.responses.cache_mode == "cdn-geo"
         self.shared_cache_control = f"public, max-age={config.responses.max_age}"
+        self._ranked_by_location: dict[Location, Ranked] = {}
 
     def locate(self, client: ClientAddress) -> tuple[Location, bool]:
         """The client's location, and whether it came from the CDN country header alone."""
@@ -61,41 +94,59 @@ class Router:
     def _locate_ip(self, client: ClientAddress) -> Location:
         return UNKNOWN_LOCATION if client.ip is None else self.locator.locate(client.ip)
 
+    def _ranked(self, location: Location) -> Ranked:
+        ranked = self._ranked_by_location.get(location)
+        if ranked is None:
+            ranked = rank_nodes(self.config.nodes, location, self.config.routing)
+            if len(self._ranked_by_location) >= RANKED_LOCATIONS:
+                # Evict the oldest entry; a full rebuild per location is cheap compared to
+                # tracking recency on every request.
+                del self._ranked_by_location[next(iter(self._ranked_by_location))]
+            self._ranked_by_location[location] = ranked
+        return ranked
+
     def route(
         self,
         ref: FileRef,
         client: ClientAddress,
         statuses: NodeStatuses = NO_LIVE_STATE,
         recent: Mapping[str, int] | None = None,
-        unavailable: Mapping[str, str] | None = None,
-        node_revisions: Mapping[str, str] | None = None,
-        warm_caches: frozenset[str] = frozenset(),
+        revisions: RevisionCheck = ALL_REVISIONS,
+        *,
+        full: bool = False,
     ) -> Route:
         """Route one request for ``ref`` (pinned to upstream's commit when known).
 
-        ``recent`` counts redirects per node for cache balancing; ``unavailable`` names nodes
-        that cannot serve this revision and why; ``node_revisions`` names nodes that would
-        serve another commit than ``ref.revision`` (bounded freshness); ``warm_caches`` names
-        cache nodes that already hold the file.
+        ``recent`` counts redirects per node for cache balancing; ``revisions`` says which
+        nodes can serve this revision, which serve another commit of it, which caches hold
+        it. Requests walk only the nodes that can matter; ``full`` evaluates every node, with
+        every exclusion, as explain shows them.
         """
         location, from_cdn_only = self.locate(client)
-        decision = decide(
-            self.config.nodes,
-            location,
-            statuses,
-            self.config.routing,
-            self._rng,
-            key=f"{ref.repo_type}/{ref.repo_id}/{ref.revision}/{ref.filename}",
-            recent=recent,
-            unavailable=unavailable,
-            warm_caches=warm_caches,
-        )
+        key = f"{ref.repo_type}/{ref.repo_id}/{ref.revision}/{ref.filename}"
+        routing = self.config.routing
+        if full:
+            unavailable = {
+                node.id: reason
+                for node in self.config.nodes
+                if (reason := revisions.reason(node)) is not None
+            }
+            decision = decide(
+                self.config.nodes, location, statuses, routing, self._rng,
+                key=key, recent=recent, unavailable=unavailable, warm_caches=revisions,
+            )  # fmt: skip
+        else:
+            decision = decide_ranked(
+                self._ranked(location), statuses, routing, self._rng,
+                unavailable=revisions.reason, key=key, recent=recent, warm_caches=revisions,
+                keep=self.config.responses.duplicate_links + 1,
+            )  # fmt: skip
         if decision.node is None:
             return Route(
                 client, location, decision, upstream_url(self.config.upstream.url, ref),
                 ref.revision, from_cdn_only,
             )  # fmt: skip
-        revision = (node_revisions or {}).get(decision.node.id, ref.revision)
+        revision = revisions.revision_for(decision.node.id) or ref.revision
         pinned = ref if revision == ref.revision else ref.with_revision(revision)
         url = node_url(decision.node, pinned)
         return Route(client, location, decision, url, revision, from_cdn_only)

@@ -688,6 +688,50 @@ async def verify_sample(
 # --------------------------------------------------------------------------- tracker
 
 
+class FileRevisions:
+    """What the nodes hold of one file, worked out per node on demand (``RevisionCheck``).
+
+    A request asks only about the nodes its routing walk reaches, so the cost does not grow
+    with the number of nodes.
+    """
+
+    def __init__(self, tracker: SyncTracker, pinned: FileRef, requested: str, now: float) -> None:
+        self._tracker = tracker
+        self._pinned = pinned
+        self._requested = requested
+        self._now = now
+        #: Nodes found to serve another commit than the pinned one.
+        self.other_commits: dict[str, str] = {}
+
+    def reason(self, node: NodeConfig) -> str | None:
+        pinned = self._pinned
+        servable = self._tracker.servable(
+            node,
+            pinned.repo_type,
+            pinned.repo_id,
+            self._requested,
+            pinned.revision,
+            pinned.filename,
+            self._now,
+        )
+        if servable.commit is None:
+            return servable.reason
+        if servable.commit != pinned.revision:
+            self.other_commits[node.id] = servable.commit
+        return None
+
+    def revision_for(self, node_id: str) -> str | None:
+        return self.other_commits.get(node_id)
+
+    def __contains__(self, node_id: object) -> bool:
+        if not isinstance(node_id, str):
+            return False
+        pinned = self._pinned
+        holdings = self._tracker.holdings.get(node_id)
+        key = (pinned.repo_type, pinned.repo_id)
+        return holds_exactly(holdings, key, pinned.revision, pinned.filename)
+
+
 class SyncTracker:
     """Reads every node's manifest and verifies samples of it, round by round.
 
@@ -767,37 +811,20 @@ class SyncTracker:
             now,
         )
 
+    def revision_check(self, pinned: FileRef, requested: str, now: float) -> FileRevisions:
+        """Revision checks for one request's file (pinned to upstream's commit)."""
+        return FileRevisions(self, pinned, requested, now)
+
     def availability(
         self, nodes: Sequence[NodeConfig], pinned: FileRef, requested: str, now: float
     ) -> tuple[dict[str, str], dict[str, str], frozenset[str]]:
-        """For a file pinned to upstream's commit: the nodes that cannot serve it, with why;
-        the nodes that would serve another commit of the requested ref (bounded freshness);
-        and the cache nodes whose manifest says they already hold the file.
+        """For every node: which cannot serve the file (with why), which would serve another
+        commit of the requested ref (bounded freshness), and which caches already hold it.
         """
-        unavailable: dict[str, str] = {}
-        other_commit: dict[str, str] = {}
-        key = (pinned.repo_type, pinned.repo_id)
-        warm = frozenset(
-            node.id
-            for node in nodes
-            if node.kind == "cache"
-            and holds_exactly(self.holdings.get(node.id), key, pinned.revision, pinned.filename)
-        )
-        for node in nodes:
-            servable = self.servable(
-                node,
-                pinned.repo_type,
-                pinned.repo_id,
-                requested,
-                pinned.revision,
-                pinned.filename,
-                now,
-            )
-            if servable.commit is None:
-                unavailable[node.id] = servable.reason
-            elif servable.commit != pinned.revision:
-                other_commit[node.id] = servable.commit
-        return unavailable, other_commit, warm
+        check = self.revision_check(pinned, requested, now)
+        unavailable = {node.id: reason for node in nodes if (reason := check.reason(node))}
+        warm = frozenset(node.id for node in nodes if node.kind == "cache" and node.id in check)
+        return unavailable, dict(check.other_commits), warm
 
     async def run_round(self, session: aiohttp.ClientSession) -> None:
         """Read every manifest and verify samples of each, nodes concurrently."""

@@ -37,6 +37,7 @@ from test_http import gateway_config
 from gateway.config import GeoIPConfig, ResponsesConfig
 from gateway.metalink import (
     METALINK_TYPE,
+    UPSTREAM_PRIORITY,
     Source,
     metalink_document,
     preferred_type,
@@ -149,7 +150,7 @@ async def test_metalink_lists_eligible_nodes_best_first_then_upstream(
     assert metalink.urls == [
         (at(world, "bj", world.main, path), 1, "cn"),
         (at(world, "sh", world.main, path), 2, "cn"),
-        (at(world, "upstream", world.main, path), 3, None),
+        (at(world, "upstream", world.main, path), UPSTREAM_PRIORITY, None),
     ]
 
 
@@ -166,7 +167,7 @@ async def test_plain_git_file_takes_its_hash_from_a_manifest(world: World) -> No
     content = world.hub.repo("acme/tiny-model").head().files["config.json"]
     assert metalink.sha256 == hashlib.sha256(content).hexdigest()
     assert metalink.pieces == (PIECE_LENGTH, [hashlib.sha256(content).hexdigest()])
-    assert [priority for _, priority, _ in metalink.urls] == [1, 2, 3]
+    assert [priority for _, priority, _ in metalink.urls] == [1, 2, UPSTREAM_PRIORITY]
 
 
 async def test_without_manifests_a_git_file_has_no_hash(
@@ -190,14 +191,16 @@ async def test_excluded_nodes_are_never_listed(world: World) -> None:
     metalink = await metalink_of(world, WEIGHTS + ".meta4", **FROM_BEIJING)
     assert [(u.split("/acme/")[0], p) for u, p, _ in metalink.urls] == [
         (world.mirrors["bj"].url, 1),
-        (world.hub.url, 2),
+        (world.hub.url, UPSTREAM_PRIORITY),
     ]
     now = time.time()
     await world.runtime.store.publish_probe(
         ProbeRecord("bj", "default", False, "timeout", None, now, None)
     )
     metalink = await metalink_of(world, WEIGHTS + ".meta4", **FROM_BEIJING)
-    assert metalink.urls == [(at(world, "upstream", world.main, "model.safetensors"), 1, None)]
+    assert metalink.urls == [
+        (at(world, "upstream", world.main, "model.safetensors"), UPSTREAM_PRIORITY, None)
+    ]
 
 
 async def test_bounded_node_is_a_source_only_where_its_commit_has_the_same_bytes(
@@ -215,7 +218,7 @@ async def test_bounded_node_is_a_source_only_where_its_commit_has_the_same_bytes
         (at(world, "bj", world.main, "model.safetensors"), 1),
         (at(world, "sh", world.main, "model.safetensors"), 2),
         (at(world, "lag", v1, "model.safetensors"), 3),
-        (at(world, "upstream", world.main, "model.safetensors"), 4),
+        (at(world, "upstream", world.main, "model.safetensors"), UPSTREAM_PRIORITY),
     ]
     # config.json did change: v1.0's is another file.
     metalink = await metalink_of(world, CONFIG_JSON + ".meta4", **FROM_BEIJING)
@@ -328,7 +331,7 @@ async def test_redirect_names_duplicates_and_its_metalink(world: World) -> None:
     assert response.headers["Location"] == at(world, "bj", world.main, "config.json")
     assert duplicates(response) == [
         (at(world, "sh", world.main, "config.json"), 2, "cn"),
-        (at(world, "upstream", world.main, "config.json"), 3, None),
+        (at(world, "upstream", world.main, "config.json"), UPSTREAM_PRIORITY, None),
     ]
     described = [(u, p) for u, p in links(response) if p["rel"] == "describedby"]
     meta4 = f"/acme/tiny-model/resolve/{world.main}/config.json.meta4"
@@ -360,7 +363,7 @@ async def test_duplicates_are_bounded_and_end_with_upstream(
         "https://n2.mirror.test",
         fake_hub.url,
     ]
-    assert [p for _, p, _ in found] == [2, 3, 7], "priorities as in the Metalink"
+    assert [p for _, p, _ in found] == [2, 3, UPSTREAM_PRIORITY], "priorities as in the Metalink"
 
 
 async def test_redirect_to_upstream_only_points_at_the_metalink(world: World) -> None:

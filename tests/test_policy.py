@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import NodeConfig, RoutingConfig, ServiceArea
@@ -16,8 +16,10 @@ from gateway.policy import (
     bounded_rendezvous,
     choose,
     decide,
+    decide_ranked,
     distance_km,
     filter_nodes,
+    rank_nodes,
     rendezvous_order,
 )
 from gateway.state import NO_LIVE_STATE, NodeStatus
@@ -389,3 +391,64 @@ def test_a_cache_holding_the_file_wins_over_cold_caches() -> None:
             seen.add(chosen.id)
     assert len(cold_choices) == 4, "without a warm cache the files spread over all caches"
     assert warm_choices == {"cache3"}
+
+
+many_nodes = st.lists(
+    st.builds(
+        NodeConfig,
+        id=st.uuids().map(str),
+        base_url=st.just("https://n.example"),
+        kind=st.sampled_from(["mirror", "cache", "third_party"]),
+        country=countries,
+        continent=st.sampled_from(["AS", "NA", "EU", None]),
+        latitude=st.floats(-60, 60),
+        longitude=st.floats(-170, 170),
+        asns=st.frozensets(st.sampled_from([4134, 4837, 2516]), max_size=1),
+        weight=st.floats(0.5, 4),
+        enabled=st.booleans(),
+        serves=st.sampled_from([ServiceArea(), CN_ONLY, ServiceArea(continents=frozenset({"AS"}))]),
+    ),
+    max_size=25,
+    unique_by=lambda n: n.id,
+)
+live_states = st.builds(
+    NodeStatus,
+    up=st.booleans(),
+    draining=st.booleans(),
+    latency_ms=st.one_of(st.none(), st.floats(0, 300)),
+    load=st.one_of(st.none(), st.floats(0, 1.5)),
+    transport_failing=st.booleans(),
+)
+
+
+@settings(max_examples=400)
+@given(
+    nodes=many_nodes,
+    client=locations,
+    states=st.lists(live_states, min_size=25, max_size=25),
+    missing=st.sets(st.integers(0, 24)),
+    near_km=st.sampled_from([0.0, 100.0, 2000.0]),
+    seed=st.integers(0, 2**32),
+)
+def test_ranked_walk_chooses_as_the_full_evaluation(
+    nodes: list[NodeConfig],
+    client: Location,
+    states: list[NodeStatus],
+    missing: set[int],
+    near_km: float,
+    seed: int,
+) -> None:
+    policy = RoutingConfig(near_equal_km=near_km)
+    statuses = {node.id: states[i] for i, node in enumerate(nodes)}
+    unavailable = {node.id: "not synced" for i, node in enumerate(nodes) if i in missing}
+    full = decide(nodes, client, statuses, policy, random.Random(seed), key="k",
+                  unavailable=unavailable)  # fmt: skip
+    fast = decide_ranked(
+        rank_nodes(nodes, client, policy), statuses, policy, random.Random(seed),
+        unavailable=lambda node: unavailable.get(node.id), key="k", keep=3,
+    )  # fmt: skip
+    assert (fast.node, fast.reason) == (full.node, full.reason)
+    # The fast walk's candidates (the pool and the next best, for duplicate links) are exactly
+    # the front of the full ranking.
+    assert fast.candidates == full.candidates[: len(fast.candidates)]
+    assert len(fast.candidates) >= min(3, len(full.candidates))
