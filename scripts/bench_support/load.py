@@ -26,7 +26,7 @@ WRK_TIMEOUT_S = 10
 RESULT_MARK = "BENCH_RESULT "
 #: Longest a warm pass may take: first sight of a client location or a revision is the slow
 #: path, and with many nodes it is much slower.
-WARM_BUDGET_S = 300.0
+WARM_BUDGET_S = 600.0
 #: Headers without which the Hugging Face clients refuse a redirect (see gateway/answers.py).
 HF_HEADERS = ("Location", "X-Repo-Commit", "X-Linked-Etag", "X-Linked-Size", "X-Mirror-Node")
 
