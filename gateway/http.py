@@ -20,7 +20,7 @@ from gateway.catalog import CatalogError
 from gateway.clientip import ForwardingHeaders
 from gateway.config import ClientIPConfig, ServerConfig
 from gateway.geo import Location
-from gateway.hfpath import PathError, parse_resolve_path, resolve_path_for
+from gateway.hfpath import FileRef, PathError, parse_resolve_path, resolve_path_for
 from gateway.logs import log_access, request_id
 from gateway.metalink import link_header, metalink_response, metalink_target
 from gateway.metrics import Outcome, RouteLabel
@@ -170,23 +170,31 @@ def _record(
     }
 
 
+def parsed_or_error(raw_path: str, max_bytes: int, not_found: str) -> FileRef | web.Response:
+    """The file a resolve path names, or the JSON error to answer instead."""
+    try:
+        ref = parse_resolve_path(raw_path, max_bytes)
+    except PathError as exc:
+        return json_error(exc.status, exc.code, exc.message)
+    if ref is None:
+        return json_error(404, "not_found", not_found)
+    return ref
+
+
 async def resolve(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     router = runtime.router
     raw_path = request.rel_url.raw_path
     if raw_path.startswith(API_PREFIX):
         return await api(request)
-    try:
-        ref = parse_resolve_path(raw_path, router.config.server.max_path_bytes)
-    except PathError as exc:
-        return json_error(exc.status, exc.code, exc.message)
-    if ref is None:
-        return json_error(
-            404,
-            "not_found",
-            f"no such endpoint: {_describe_path(raw_path)}; "
-            "files are served at /{repo_id}/resolve/{revision}/{filename}",
-        )
+    ref = parsed_or_error(
+        raw_path,
+        router.config.server.max_path_bytes,
+        f"no such endpoint: {_describe_path(raw_path)}; "
+        "files are served at /{repo_id}/resolve/{revision}/{filename}",
+    )
+    if isinstance(ref, web.Response):
+        return ref
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed(request)
     client = router.resolver.resolve(

@@ -15,8 +15,7 @@ from gateway.answers import catalog_error, json_error
 from gateway.catalog import CatalogError
 from gateway.clientip import ClientAddress, parse_ip
 from gateway.explain import explain_request, render_html
-from gateway.hfpath import PathError, parse_resolve_path
-from gateway.http import forwarding_headers, read_only
+from gateway.http import forwarding_headers, parsed_or_error, read_only
 from gateway.metalink import preferred_type
 from gateway.router import PRIVATE_CACHE_CONTROL, Router
 from gateway.runtime import RUNTIME
@@ -82,16 +81,13 @@ async def explain(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     router = runtime.router
     raw_path = request.rel_url.raw_path.removeprefix(EXPLAIN_PREFIX)
-    try:
-        ref = parse_resolve_path(raw_path, router.config.server.max_path_bytes)
-    except PathError as exc:
-        return json_error(exc.status, exc.code, exc.message)
-    if ref is None:
-        return json_error(
-            404,
-            "not_found",
-            "explain takes a resolve path: /explain/{repo_id}/resolve/{revision}/{filename}",
-        )
+    ref = parsed_or_error(
+        raw_path,
+        router.config.server.max_path_bytes,
+        "explain takes a resolve path: /explain/{repo_id}/resolve/{revision}/{filename}",
+    )
+    if isinstance(ref, web.Response):
+        return ref
     try:
         as_html = _wants_html(request)
         client, override = _client(request, router)
