@@ -20,7 +20,7 @@ from gateway.catalog import CatalogError
 from gateway.clientip import ForwardingHeaders
 from gateway.config import ClientIPConfig, ServerConfig
 from gateway.geo import Location
-from gateway.hfpath import FileRef, PathError, parse_resolve_path, resolve_path_for
+from gateway.hfpath import FileRef, PathError, parse_resolve_path_remembered, resolve_path_for
 from gateway.logs import log_access, request_id
 from gateway.metalink import link_header, metalink_response, metalink_target
 from gateway.metrics import Outcome, RouteLabel
@@ -173,7 +173,7 @@ def _record(
 def parsed_or_error(raw_path: str, max_bytes: int, not_found: str) -> FileRef | web.Response:
     """The file a resolve path names, or the JSON error to answer instead."""
     try:
-        ref = parse_resolve_path(raw_path, max_bytes)
+        ref = parse_resolve_path_remembered(raw_path, max_bytes)
     except PathError as exc:
         return json_error(exc.status, exc.code, exc.message)
     if ref is None:
@@ -197,7 +197,7 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         return ref
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed(request)
-    client = router.resolver.resolve(
+    client = router.resolver.resolve_remembered(
         request.remote, forwarding_headers(request, router.config.client_ip)
     )
     try:

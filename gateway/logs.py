@@ -7,12 +7,13 @@ the request's fields. Nothing here ever receives a token: handlers pass only the
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import logging.handlers
 import queue
+import secrets
 import sys
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -24,13 +25,17 @@ FIELDS_ATTR = "fields"
 
 _REQUEST_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:")
 _REQUEST_ID_MAX = 128
+#: New ids are this process's random prefix and a counter: unique across processes and restarts
+#: without asking the system for randomness on every request.
+_ID_PREFIX = secrets.token_hex(8)
+_id_counter = itertools.count(1)
 
 
 def request_id(incoming: str | None) -> str:
     """The client's (or proxy's) ``X-Request-ID`` when it is a sane token, else a new one."""
     if incoming and len(incoming) <= _REQUEST_ID_MAX and _REQUEST_ID_CHARS.issuperset(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -18,11 +18,13 @@ import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import islice
 
 from aiohttp import web
 
 from gateway.catalog import FileMeta
 from gateway.hfpath import FileRef, resolve_path_for
+from gateway.memo import BoundedMemo
 from gateway.planner import Plan, revision_of
 from gateway.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import Runtime
@@ -153,22 +155,31 @@ def _same_file(runtime: Runtime, plan: Plan, commit: str) -> bool:
 UPSTREAM_PRIORITY = 999999
 
 
-def sources(runtime: Runtime, plan: Plan) -> list[Source]:
-    """The nodes the policy accepted, best first, each at the commit it serves, then upstream."""
-    ref, route = plan.ref, plan.route
-    found: list[tuple[str, str | None, str | None]] = []
-    for candidate in route.decision.candidates:
+def _node_sources(runtime: Runtime, plan: Plan) -> Iterator[Source]:
+    """The nodes the policy accepted, best first, each at the commit it serves; lazily, so a
+    redirect naming a few of them builds only those."""
+    ref = plan.ref
+    priority = 0
+    for candidate in plan.route.decision.candidates:
         node = candidate.node
         commit = plan.node_revisions.get(node.id, plan.revision.commit)
         if _same_file(runtime, plan, commit):
-            found.append((node_url(node, ref.with_revision(commit)), node.country, node.id))
-    upstream = upstream_url(runtime.router.config.upstream.url, ref.with_revision(route.revision))
-    ranked = [
-        Source(url, priority, country.lower() if country else None, node_id)
-        for priority, (url, country, node_id) in enumerate(found, 1)
-    ]
+            priority += 1
+            country = node.country.lower() if node.country else None
+            yield Source(node_url(node, ref.with_revision(commit)), priority, country, node.id)
+
+
+def _upstream_source(runtime: Runtime, plan: Plan) -> Source:
+    url = upstream_url(
+        runtime.router.config.upstream.url, plan.ref.with_revision(plan.route.revision)
+    )
     # Upstream always ranks last, whatever number of nodes a redirect had weighed.
-    return [*ranked, Source(upstream, UPSTREAM_PRIORITY, None, None)]
+    return Source(url, UPSTREAM_PRIORITY, None, None)
+
+
+def sources(runtime: Runtime, plan: Plan) -> list[Source]:
+    """The nodes the policy accepted, best first, each at the commit it serves, then upstream."""
+    return [*_node_sources(runtime, plan), _upstream_source(runtime, plan)]
 
 
 def _listed(runtime: Runtime, plan: Plan) -> Iterator[tuple[str, Pieces | None]]:
@@ -250,6 +261,22 @@ def metalink_response(runtime: Runtime, plan: Plan) -> web.Response:
     )
 
 
+#: Pinned files whose ``rel=describedby`` link is remembered (it is the same for every client).
+DESCRIBED_LINKS = 65_536
+_described_links: BoundedMemo[FileRef, str] = BoundedMemo(DESCRIBED_LINKS)
+
+
+def _described_by(pinned: FileRef) -> str:
+    link = _described_links.get(pinned)
+    if link is None:
+        # A path-absolute reference: the gateway's own origin, whatever name the client used.
+        described = replace(pinned, filename=pinned.filename + METALINK_SUFFIX)
+        link = _described_links.put(
+            pinned, f'<{resolve_path_for(described)}>; rel=describedby; type="{METALINK_TYPE}"'
+        )
+    return link
+
+
 def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
     """RFC 6249 links for a redirect: up to ``limit`` other sources (the last one upstream, the
     source every client can fall back on) and the Metalink, or None when there is nothing."""
@@ -257,15 +284,11 @@ def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
     links = []
     chosen = route.decision.node
     if chosen is not None and limit > 0:
-        *nodes, upstream = sources(runtime, plan)
-        others = [s for s in nodes if s.node_id != chosen.id][: limit - 1]
-        for source in [*others, upstream]:
+        others = (s for s in _node_sources(runtime, plan) if s.node_id != chosen.id)
+        for source in [*islice(others, limit - 1), _upstream_source(runtime, plan)]:
             geo = f"; geo={source.location}" if source.location else ""
             links.append(f"<{source.url}>; rel=duplicate; pri={source.priority}{geo}")
-    meta4 = ref.filename + METALINK_SUFFIX
     listing = _listing(runtime, plan, route.revision)
-    if listing is not None and meta4 not in listing:
-        # A path-absolute reference: the gateway's own origin, whatever name the client used.
-        described = replace(ref.with_revision(route.revision), filename=meta4)
-        links.append(f'<{resolve_path_for(described)}>; rel=describedby; type="{METALINK_TYPE}"')
+    if listing is not None and ref.filename + METALINK_SUFFIX not in listing:
+        links.append(_described_by(ref.with_revision(route.revision)))
     return ", ".join(links) or None

@@ -704,6 +704,13 @@ class FileRevisions:
         self.other_commits: dict[str, str] = {}
 
     def reason(self, node: NodeConfig) -> str | None:
+        # Most visited nodes need no manifest lookup: a node without a manifest is trusted to hold
+        # everything, and a cache whatever it has not been caught corrupting (``servable_commit``).
+        if node.kind == "cache":
+            if not self._tracker.failed_for(node.id):
+                return None
+        elif node.manifest_url is None:
+            return None
         pinned = self._pinned
         servable = self._tracker.servable(
             node,

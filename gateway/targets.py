@@ -9,9 +9,27 @@ from __future__ import annotations
 
 from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
 from gateway.hfpath import FileRef
+from gateway.memo import BoundedMemo
+
+#: Files whose encoded default-template path is remembered; the default template is what upstream
+#: and most nodes use, so one encoding serves every base URL.
+ENCODED_PATHS = 65_536
+_default_paths: BoundedMemo[FileRef, str] = BoundedMemo(ENCODED_PATHS)
+
+
+def _default_path(ref: FileRef) -> str:
+    encoded = _default_paths.get(ref)
+    if encoded is None:
+        encoded = _default_paths.put(
+            ref,
+            f"{ref.type_prefix}{ref.repo_id}/resolve/{ref.revision_encoded}/{ref.filename_encoded}",
+        )
+    return encoded
 
 
 def fill_template(template: str, base: str, ref: FileRef) -> str:
+    if template == DEFAULT_URL_TEMPLATE:
+        return f"{base}/{_default_path(ref)}"
     return template.format(
         base=base,
         type_prefix=ref.type_prefix,

@@ -35,7 +35,16 @@ def test_request_id_honours_only_sane_tokens(incoming: str | None, kept: bool) -
         assert rid == incoming
     else:
         assert rid != incoming
-        assert len(rid) == 32 and all(c in "0123456789abcdef" for c in rid)
+        prefix, _, counter = rid.partition("-")
+        assert len(prefix) == 16 and all(c in "0123456789abcdef" for c in prefix + counter)
+        assert counter
+
+
+def test_generated_request_ids_are_unique_and_sane() -> None:
+    ids = [request_id(None) for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    # A generated id is itself a sane token: echoed by the next hop, it is kept as it is.
+    assert all(request_id(rid) == rid for rid in ids)
 
 
 def test_json_formatter_merges_fields() -> None:
@@ -85,7 +94,7 @@ def test_access_log_lines_and_request_ids(
         assert headers["x-request-id"] == "trace-42"
         _, headers, _ = gateway.get("/acme/tiny-model/resolve/main/nope.bin")
         generated = headers["x-request-id"]
-        assert len(generated) == 32
+        assert generated != "trace-42" and request_id(generated) == generated
         _, headers, _ = gateway.get("/api/models/acme/tiny-model")
         assert headers["x-request-id"]  # streamed pass-through answers carry it too
     finally:

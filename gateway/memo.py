@@ -1,0 +1,42 @@
+"""Bounded memo tables for the request path: answers to pure questions whose inputs repeat.
+
+Clients repeat themselves (one client downloads many files, many clients want the same popular
+files), so the request path remembers what it worked out from a raw input and asks only a dict
+the next time. Every table is bounded: the oldest entry goes first once full, because tracking
+recency on every hit would cost more than recomputing a forgotten entry.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class BoundedMemo(Generic[K, V]):
+    """A dict of at most ``limit`` entries that drops its oldest insert when full."""
+
+    __slots__ = ("_entries", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        self._entries: dict[K, V] = {}
+        self._limit = limit
+
+    def get(self, key: K) -> V | None:
+        return self._entries.get(key)
+
+    def put(self, key: K, value: V) -> V:
+        entries = self._entries
+        if len(entries) >= self._limit and key not in entries:
+            del entries[next(iter(entries))]
+        entries[key] = value
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
