@@ -159,6 +159,7 @@ def _node_sources(runtime: Runtime, plan: Plan) -> Iterator[Source]:
     """The nodes the policy accepted, best first, each at the commit it serves; lazily, so a
     redirect naming a few of them builds only those."""
     ref = plan.ref
+    at_commit: dict[str, FileRef] = {}
     priority = 0
     for candidate in plan.route.decision.candidates:
         node = candidate.node
@@ -166,7 +167,10 @@ def _node_sources(runtime: Runtime, plan: Plan) -> Iterator[Source]:
         if _same_file(runtime, plan, commit):
             priority += 1
             country = node.country.lower() if node.country else None
-            yield Source(node_url(node, ref.with_revision(commit)), priority, country, node.id)
+            pinned = at_commit.get(commit)
+            if pinned is None:
+                pinned = at_commit[commit] = ref.with_revision(commit)
+            yield Source(node_url(node, pinned), priority, country, node.id)
 
 
 def _upstream_source(runtime: Runtime, plan: Plan) -> Source:
