@@ -32,6 +32,8 @@ async def _run_background(app: web.Application) -> AsyncIterator[None]:
     if runtime.prober is not None:
         tasks.append(asyncio.create_task(runtime.prober.run(), name="prober"))
     yield
+    # Requests have finished by now; counts still held in memory would die with the worker.
+    runtime.metrics.flush()
     for task in tasks:
         task.cancel()
     for task in tasks:

@@ -23,14 +23,18 @@ the same variable when metrics are created. So the server must:
    ``ValueError`` if the variable came too late or names another directory;
 3. call ``worker_exited(pid)`` in the parent when a worker exits.
 
-The catalog counts are plain integers inside each worker's ``Catalog``; in multiprocess mode
-they are copied into file-backed counters at most once a second from ``request_done`` (a scrape
-connection kept alive always reaches the same worker, so waiting for scrapes would leave the
-other workers' counts behind) and at every scrape.
+The request counts and the catalog counts are plain numbers inside each worker (a
+prometheus_client ``inc`` takes a lock, and a file write in multiprocess mode); they are added
+to the metrics at every scrape and, in multiprocess mode, by a timer at most a second after
+they were counted (a scrape connection kept alive always reaches the same worker, so waiting
+for scrapes would leave the other workers' counts behind) and when the worker stops
+(``flush``). A scrape may therefore miss the last second of another worker's counts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 import re
 import time
@@ -93,8 +97,8 @@ _CATALOG_COUNTS = {
         "Failed catalog Redis calls and unusable Redis records.",
     ),
 }
-#: Seconds between copies of the catalog counts into the multiprocess files.
-CATALOG_FLUSH_INTERVAL_S = 1.0
+#: Seconds between copies of a worker's request and catalog counts into the multiprocess files.
+FLUSH_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +317,50 @@ def _geoip_metrics(build_times: Mapping[str, float], now: float) -> Iterator[Met
     yield from (built, age)
 
 
+class _Tally:
+    """Request-path counts kept as plain numbers and added to the Prometheus children in bulk.
+
+    Every prometheus_client ``inc`` takes a lock, and in multiprocess mode writes a file-backed
+    value; a request makes seven of them. Counting into dicts and flushing before every
+    collection (and, with several workers, at least once a second) gives the same totals.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[Counter, int] = {}
+        #: Histogram child -> [sum, count in bucket 0, count in bucket 1, ...].
+        self._observed: dict[Histogram, list[float]] = {}
+        self._bounds: dict[Histogram, Sequence[float]] = {}
+
+    def count(self, child: Counter) -> None:
+        counts = self._counts
+        counts[child] = counts.get(child, 0) + 1
+
+    def observe(self, child: Histogram, value: float) -> None:
+        pending = self._observed.get(child)
+        if pending is None:
+            bounds = self._bounds[child] = child._upper_bounds
+            pending = self._observed[child] = [0.0] * (len(bounds) + 1)
+        pending[0] += value
+        # The first bucket whose upper bound is >= value, as Histogram.observe picks it.
+        pending[bisect.bisect_left(self._bounds[child], value) + 1] += 1
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for counter, added in counts.items():
+            counter.inc(added)
+        observed, self._observed = self._observed, {}
+        for histogram, pending in observed.items():
+            histogram._sum.inc(pending[0])
+            for bucket, observations in zip(histogram._buckets, pending[1:], strict=True):
+                if observations:
+                    bucket.inc(observations)
+
+    def collect(self) -> Iterator[Metric]:
+        """Registered first, so a scrape sees every count made before it; yields nothing."""
+        self.flush()
+        return iter(())
+
+
 class GatewayMetrics:
     """The gateway's metrics; ``render`` answers a scrape.
 
@@ -332,6 +380,8 @@ class GatewayMetrics:
         self.registry = CollectorRegistry() if registry is None else registry
         if multiprocess_dir is not None:
             _check_multiprocess_dir(multiprocess_dir)
+        self._tally = _Tally()
+        self.registry.register(self._tally)
         # In multiprocess mode these live in files that MultiProcessCollector sums; registering
         # them as well would count this worker twice.
         own = self.registry if multiprocess_dir is None else None
@@ -394,7 +444,7 @@ class GatewayMetrics:
             )
         )
         self._multiprocess = multiprocess_dir is not None
-        self._catalog_flush_at = 0.0
+        self._flush_pending = False
         if multiprocess_dir is not None:
             # Registered after the live-state collector, which flushes this worker's catalog
             # counts into the files this one then reads.
@@ -410,9 +460,9 @@ class GatewayMetrics:
             route_label = route if route in _ROUTES else OTHER
             child = self._request_seconds.labels(route_label, key[1], key[2])
             self._request_children[key] = child
-        child.observe(seconds)
-        if self._multiprocess:
-            self._flush_catalog_if_due()
+        self._tally.observe(child, seconds)
+        if self._multiprocess and not self._flush_pending:
+            self._schedule_flush()
 
     def decision(
         self,
@@ -434,12 +484,13 @@ class GatewayMetrics:
             if label == reason:
                 # Only valid reasons are cached: garbage ones would grow the cache unbounded.
                 self._decision_children[(outcome, reason)] = decided
-        decided.inc()
+        tally = self._tally
+        tally.count(decided)
         if outcome == "node" and node_id is not None:
             redirect = self._redirect_children.get(node_id)
             if redirect is None:
                 redirect = self._redirect_children[node_id] = self._redirects.labels(node_id)
-            redirect.inc()
+            tally.count(redirect)
         location = (
             country if country in self._countries else UNKNOWN,
             continent if continent in CONTINENTS else UNKNOWN,
@@ -447,9 +498,9 @@ class GatewayMetrics:
         client = self._client_children.get(location)
         if client is None:
             client = self._client_children[location] = self._client_requests.labels(*location)
-        client.inc()
+        tally.count(client)
         if decision_seconds is not None:
-            self._decision_seconds.observe(decision_seconds)
+            tally.observe(self._decision_seconds, decision_seconds)
 
     def upstream_call(self, kind: UpstreamKind, seconds: float, status: int | None) -> None:
         """``status`` None: the call failed in transport (connect, reset, timeout)."""
@@ -462,8 +513,21 @@ class GatewayMetrics:
         encode, content_type = choose_encoder(accept or "")
         return encode(self.registry), content_type
 
-    def _flush_catalog_if_due(self) -> None:
-        now = time.monotonic()
-        if now >= self._catalog_flush_at:
-            self._catalog_flush_at = now + CATALOG_FLUSH_INTERVAL_S
-            self._catalog.flush(self._sample().catalog)
+    def flush(self) -> None:
+        """Add every count made so far to the metrics (a stopping worker's last counts)."""
+        self._tally.flush()
+        self._catalog.flush(self._sample().catalog)
+
+    def _schedule_flush(self) -> None:
+        # A timer rather than the next request: an idle worker's counts must reach the files
+        # too. Without an event loop (scripts, tests) counts wait for ``flush`` or a scrape.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._flush_pending = True
+        loop.call_later(FLUSH_INTERVAL_S, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._flush_pending = False
+        self.flush()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from processes import REPO
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.countries import CONTINENTS, country_table
 from gateway.metrics import (
     MULTIPROC_ENV_VAR,
+    REQUEST_BUCKETS,
     GatewayMetrics,
     GatewaySample,
     NodeSample,
@@ -520,6 +521,8 @@ _WORKER = textwrap.dedent(
     metrics.request_done("resolve", "GET", 302, 0.001)
     if role == "renderer":
         sys.stdout.write(metrics.render(None)[0].decode())
+    else:
+        metrics.flush()  # as a stopping worker does
     """
 )
 
@@ -567,8 +570,46 @@ def test_multiprocess_render_sums_every_worker(tmp_path: Path) -> None:
     assert summed("decision_duration_seconds_count") == 8
     code = {"route": "resolve", "method": "GET", "code_class": "3xx"}
     assert summed("request_duration_seconds_count", **code) == 3
-    # Each worker's own catalog counts, flushed by request_done, summed by the scrape.
+    # Each worker's own catalog counts, flushed when it stops, summed by the scrape.
     assert summed("catalog_lookups_total", result="hit") == 17
     # Live state is the rendering worker's own, reported once.
     assert summed("node_up", node="bj") == 1
     assert [n for (n, _) in samples if n == "mirror_gateway_node_up"] == ["mirror_gateway_node_up"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    observations=st.lists(
+        st.one_of(
+            st.sampled_from(REQUEST_BUCKETS),  # exactly on a bucket bound
+            st.floats(min_value=0.0, max_value=100.0, allow_nan=False),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_counts_held_in_memory_expose_what_direct_observation_does(
+    observations: list[float],
+) -> None:
+    """The tally uses prometheus_client's histogram internals: this pins them down."""
+    tallied = GatewayMetrics(lambda: SAMPLE, CollectorRegistry())
+    registry = CollectorRegistry()
+    direct = Histogram("h", "h", buckets=REQUEST_BUCKETS, registry=registry)
+    for seconds in observations:
+        tallied.request_done("resolve", "GET", 302, seconds)
+        direct.observe(seconds)
+
+    def buckets(registry: CollectorRegistry, name: str) -> dict[str, float]:
+        return {
+            f"{s.name.rsplit('_', 1)[-1]}:{s.labels.get('le')}": s.value
+            for family in registry.collect()
+            if family.name == name
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    expected = buckets(registry, "h")
+    got = buckets(tallied.registry, "mirror_gateway_request_duration_seconds")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
