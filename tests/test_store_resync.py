@@ -1,7 +1,7 @@
 """How ``RedisStore`` reads shared state back: in bounded batches, skipping unchanged records.
 
 Redis is the real test server; the only stand-ins are spies that count what the store does
-(pipelines sent, records decoded) and then do the real thing.
+(script calls, records decoded) and then do the real thing.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+from redis.typing import EncodableT, KeyT
 from test_store import (
     COMMAND_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
@@ -29,7 +30,14 @@ from test_store import (
 
 import gateway.store
 from gateway.config import NodeConfig, RedisConfig
-from gateway.state import AdminRecord, LiveState, LoadRecord, ProbeRecord, RedirectCounter
+from gateway.state import (
+    AdminMode,
+    AdminRecord,
+    LiveState,
+    LoadRecord,
+    ProbeRecord,
+    RedirectCounter,
+)
 from gateway.store import SETTLE_S, Record, RecordKind, RedisStore, encode_record
 
 
@@ -92,6 +100,28 @@ def decoded(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str]]:
     return counts
 
 
+@pytest.fixture
+def script_calls(
+    monkeypatch: pytest.MonkeyPatch, decoded: Counter[tuple[str, str]]
+) -> list[tuple[int, int]]:
+    """Per Lua script call: how many keys it was given, and how many records were decoded before
+    it went out. The tests using it run no prober, so every call is a resync batch."""
+    calls: list[tuple[int, int]] = []
+    call = AsyncScript.__call__
+
+    async def spying(
+        script: AsyncScript,
+        keys: Sequence[KeyT] | None = None,
+        args: Iterable[EncodableT] | None = None,
+        client: Any = None,
+    ) -> Any:
+        calls.append((len(keys or ()), decoded.total()))
+        return await call(script, keys, args, client)
+
+    monkeypatch.setattr(AsyncScript, "__call__", spying)
+    return calls
+
+
 async def write(direct: Redis, *records: Record) -> None:
     """Store records the way instances do, but without an event: only a resync finds them."""
     pipe = direct.pipeline(transaction=False)
@@ -117,6 +147,7 @@ async def test_a_resync_reads_in_batches_and_applies_each_before_the_next(
     redis_url: str,
     direct: Redis,
     decoded: Counter[tuple[str, str]],
+    script_calls: list[tuple[int, int]],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -133,23 +164,21 @@ async def test_a_resync_reads_in_batches_and_applies_each_before_the_next(
     await write(direct, *probes, *loads, *admins)
     await direct.set(f"{PREFIX}load:{wrong_type}", "not a hash")
     await direct.hset(f"{PREFIX}probe:v1:{malformed}", "checked_at", "yesterday")
+    await direct.config_resetstat()
 
-    sent: list[tuple[int, int]] = []
-    execute = Pipeline.execute
-
-    async def spying(pipe: Pipeline, raise_on_error: bool = True) -> list[Any]:
-        # How many commands go out, and how many records were decoded before they did.
-        sent.append((len(pipe), decoded.total()))
-        return await execute(pipe, raise_on_error)
-
-    monkeypatch.setattr(Pipeline, "execute", spying)
     store = await make_store(redis_url, nodes)
     live = store.live
 
     assert store.degraded_reason is None
-    assert [size for size, _ in sent] == [batch] * 36
-    progress = [done for _, done in sent]
+    assert [size for size, _ in script_calls] == [batch] * 36
+    progress = [done for _, done in script_calls]
     assert progress == sorted(set(progress)), "each batch decoded before the next was sent"
+    # Redis saw one command per batch, plus a NOSCRIPT answer if it had not cached the script.
+    commands = await direct.info("commandstats")
+    errors = await direct.info("errorstats")
+    noscript = errors.get("errorstat_NOSCRIPT", {"count": 0})["count"]
+    assert commands["cmdstat_evalsha"]["calls"] - noscript == 36
+    assert "cmdstat_eval" not in commands
     assert decoded.total() == 3 * len(nodes) - 1, "all but the wrong-type key"
     for node, stored_probe, stored_load in zip(nodes, probes, loads, strict=True):
         expected_probe = () if node.id == malformed else (stored_probe,)
@@ -158,6 +187,70 @@ async def test_a_resync_reads_in_batches_and_applies_each_before_the_next(
         assert live.admin_mode(node.id) == "draining"
     assert f"skipping stored load of {wrong_type}: not a hash" in caplog.text
     assert f"skipping stored probe of {malformed}: field 'checked_at'" in caplog.text
+
+
+async def test_every_record_of_a_multi_batch_resync_lands_in_its_own_slot(
+    make_store: MakeStore,
+    redis_url: str,
+    direct: Redis,
+    script_calls: list[tuple[int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway.store")
+    monkeypatch.setattr(gateway.store, "RESYNC_BATCH", 7)
+    nodes = nodes_named(*(f"n{i:03d}" for i in range(250)))
+    vantages = ("v1", "v2")
+    # All records differ, so one applied to another node, kind or vantage than its key's shows.
+    probes = {
+        (node.id, vantage): probe(node.id, vantage, up=i % 2 == 0, at=1000.0 + i + v / 2)
+        for i, node in enumerate(nodes)
+        for v, vantage in enumerate(vantages)
+    }
+    loads = {
+        node.id: LoadRecord(node.id, "prometheus", active_connections=float(i), measured_at=i)
+        for i, node in enumerate(nodes)
+        if i % 5  # every fifth node has no load key: an empty reply in its slot
+    }
+    modes: tuple[AdminMode, ...] = ("active", "draining", "disabled")
+    admins = [AdminRecord(node.id, modes[i % 3], changed_at=i) for i, node in enumerate(nodes)]
+    await write(direct, *probes.values(), *loads.values(), *admins)
+    # Records under keys that are not theirs: another node's, another vantage's.
+    misfiled = {("n100", "v2"): probes["n101", "v2"], ("n102", "v1"): probes["n102", "v2"]}
+    for (node_id, vantage), record in misfiled.items():
+        await direct.hset(f"{PREFIX}probe:{vantage}:{node_id}", mapping=as_hash(record))
+
+    store = await make_store(redis_url, nodes)
+
+    # Per node two probe keys, a load key and an admin key: 1,000 keys, the last batch short.
+    assert [size for size, _ in script_calls] == [7] * 142 + [6]
+    for node, admin in zip(nodes, admins, strict=True):
+        for vantage in vantages:
+            expected = None if (node.id, vantage) in misfiled else probes[node.id, vantage]
+            assert store.live.probe_record(node.id, vantage) == expected
+        assert store.live.load_record(node.id) == loads.get(node.id)
+        assert store.live.admin_mode(node.id) == admin.mode
+    assert caplog.text.count("names another node or vantage than its key") == len(misfiled)
+
+
+async def test_a_resync_loads_its_script_again_when_redis_lost_it(
+    make_store: MakeStore, redis_url: str, direct: Redis
+) -> None:
+    # As after a Redis restart: the script cache is empty and EVALSHA answers NOSCRIPT.
+    nodes = nodes_named("a", "b")
+    await write(direct, AdminRecord("a", "draining", 1.0))
+    store = await make_store(redis_url, nodes)
+    assert store.live.admin_mode("a") == "draining"
+
+    await direct.script_flush()
+    await direct.config_resetstat()
+    await write(direct, AdminRecord("b", "disabled", 1.0))  # b's admin key is read last
+    store.reconfigure(nodes)
+    await eventually(lambda: store.live.admin_mode("b") == "disabled", "resync done")
+
+    assert store.degraded_reason is None
+    errors = await direct.info("errorstats")
+    assert errors["errorstat_NOSCRIPT"]["count"] == 1
 
 
 async def test_a_resync_decodes_only_what_changed(
