@@ -162,12 +162,13 @@ def _record(
         continent=continent,
         decision_seconds=decision_seconds,
     )
-    request[ACCESS_FIELDS] = {
-        "outcome": outcome,
-        "reason": reason,
-        "node": node or (UPSTREAM_NODE_NAME if outcome == "upstream" else None),
-        "country": country,
-    }
+    if runtime.router.config.logging.access:
+        request[ACCESS_FIELDS] = {
+            "outcome": outcome,
+            "reason": reason,
+            "node": node or (UPSTREAM_NODE_NAME if outcome == "upstream" else None),
+            "country": country,
+        }
 
 
 def parsed_or_error(raw_path: str, max_bytes: int, not_found: str) -> FileRef | web.Response:
