@@ -156,6 +156,10 @@ class ClientAddress:
     cdn_country: str | None = None
 
 
+#: Peer, forwarding header values, CDN client IP, CDN country.
+_MemoKey = tuple[str | None, tuple[str, ...], str | None, str | None]
+
+
 class ClientIPResolver:
     """Resolves client addresses under one configuration; safe to share between requests."""
 
@@ -168,9 +172,7 @@ class ClientIPResolver:
         self._chain = _CHAIN_READERS.get(config.forwarded_header)
         self._reads_cdn_ip = config.cdn_client_ip_header is not None
         self._reads_cdn_country = config.cdn_country_header is not None
-        self._memo: BoundedMemo[tuple[str | None, ForwardingHeaders], ClientAddress] = BoundedMemo(
-            MEMO_ENTRIES
-        )
+        self._memo: BoundedMemo[_MemoKey, ClientAddress] = BoundedMemo(MEMO_ENTRIES)
 
     def is_trusted(self, ip: IPAddress) -> bool:
         """Whether ``ip`` (as :func:`parse_ip` returns it) is in one of the trusted networks."""
@@ -205,7 +207,8 @@ class ClientIPResolver:
         The answer is a pure function of its inputs, and a client downloading a repository sends
         the same ones for every file, so the request path parses each chain once.
         """
-        key = (peer, headers)
+        # A tuple of plain values hashes and compares in C; the dataclass's methods are Python.
+        key = (peer, headers.forwarded, headers.cdn_client_ip, headers.cdn_country)
         known = self._memo.get(key)
         if known is not None:
             return known

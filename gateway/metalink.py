@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import islice
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -36,8 +37,9 @@ METALINK_SUFFIX = ".meta4"
 NAMESPACE = "urn:ietf:params:xml:ns:metalink"
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
+class Source(NamedTuple):
+    """A tuple rather than a dataclass: redirects build several per request."""
+
     url: str
     #: 1 is best; the same number in the Metalink and in ``Link: pri``.
     priority: int
@@ -267,16 +269,18 @@ def metalink_response(runtime: Runtime, plan: Plan) -> web.Response:
 
 #: Pinned files whose ``rel=describedby`` link is remembered (it is the same for every client).
 DESCRIBED_LINKS = 65_536
-_described_links: BoundedMemo[FileRef, str] = BoundedMemo(DESCRIBED_LINKS)
+_described_links: BoundedMemo[tuple[str, str, str, str], str] = BoundedMemo(DESCRIBED_LINKS)
 
 
 def _described_by(pinned: FileRef) -> str:
-    link = _described_links.get(pinned)
+    # A tuple of the fields hashes and compares in C; the dataclass's own methods are Python.
+    key = (pinned.repo_type, pinned.repo_id, pinned.revision, pinned.filename)
+    link = _described_links.get(key)
     if link is None:
         # A path-absolute reference: the gateway's own origin, whatever name the client used.
         described = replace(pinned, filename=pinned.filename + METALINK_SUFFIX)
         link = _described_links.put(
-            pinned, f'<{resolve_path_for(described)}>; rel=describedby; type="{METALINK_TYPE}"'
+            key, f'<{resolve_path_for(described)}>; rel=describedby; type="{METALINK_TYPE}"'
         )
     return link
 

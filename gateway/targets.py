@@ -14,14 +14,16 @@ from gateway.memo import BoundedMemo
 #: Files whose encoded default-template path is remembered; the default template is what upstream
 #: and most nodes use, so one encoding serves every base URL.
 ENCODED_PATHS = 65_536
-_default_paths: BoundedMemo[FileRef, str] = BoundedMemo(ENCODED_PATHS)
+_default_paths: BoundedMemo[tuple[str, str, str, str], str] = BoundedMemo(ENCODED_PATHS)
 
 
 def _default_path(ref: FileRef) -> str:
-    encoded = _default_paths.get(ref)
+    # A tuple of the fields hashes and compares in C; the dataclass's own methods are Python.
+    key = (ref.repo_type, ref.repo_id, ref.revision, ref.filename)
+    encoded = _default_paths.get(key)
     if encoded is None:
         encoded = _default_paths.put(
-            ref,
+            key,
             f"{ref.type_prefix}{ref.repo_id}/resolve/{ref.revision_encoded}/{ref.filename_encoded}",
         )
     return encoded
