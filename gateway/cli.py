@@ -116,7 +116,8 @@ def _explain(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     cdn_country = args.cdn_country.upper() if args.cdn_country else None
     client = ClientAddress(ip=ip, source="peer", cdn_country=cdn_country)
-    print(json.dumps(route_report(router.route(ref, client)), indent=2, ensure_ascii=False))
+    report = route_report(router.route(ref, client, full=True))
+    print(json.dumps(report, indent=2, ensure_ascii=False))
     router.locator.close()
     return 0
 

@@ -8,18 +8,23 @@ distance), then shares among near-equals: by weight using the RNG it is given (d
 tests), or for cache nodes by bounded-load rendezvous hashing on the file, so one file keeps
 hitting one cache while no cache takes more than its bounded share. A node at capacity is held
 in reserve and used only when no other node can serve. No node at all means upstream.
+
+Requests take the same decision with ``decide_ranked``, from a ``Ranked`` per routing ``Cell``
+(``rank_nodes`` over a ``NodeIndex`` built once per config) of which they walk only the front.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import math
 import random
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal
+from itertools import chain
+from typing import Literal, NamedTuple, TypeVar
 
 from gateway.config import TIER_ORDER, NodeConfig, RoutingConfig
 from gateway.geo import Location
@@ -67,8 +72,9 @@ _TIER_REASON: dict[Tier, ChoiceReason] = {
 EARTH_RADIUS_KM = 6371.0
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: requests build one per admitted node, and a frozen
+    # dataclass pays an object.__setattr__ per field.
     node: NodeConfig
     tier: Tier
     distance_km: float | None
@@ -98,8 +104,10 @@ class Decision:
     #: None sends the client upstream.
     node: NodeConfig | None
     reason: ChoiceReason
-    #: Accepted nodes, best first.
+    #: Accepted nodes, best first (``decide_ranked``: only those it visited).
     candidates: tuple[Candidate, ...]
+    #: Every excluded node (``decide``); empty from ``decide_ranked``, as redirects never show
+    #: them.
     excluded: tuple[Exclusion, ...]
 
 
@@ -185,15 +193,25 @@ def _live_exclusion(
     node: NodeConfig, status: NodeStatus, policy: RoutingConfig
 ) -> Exclusion | None:
     """What the node's live state says: an exclusion, or None if it may take clients."""
+    if _takes_clients(status, policy):
+        return None
     if status.disabled:
         return Exclusion(node, "admin_disabled", "disabled by an operator")
     if not status.up:
         return Exclusion(node, "down", status.down_reason or "failing probes")
     if status.draining:
         return Exclusion(node, "draining", "draining: takes no new clients")
-    if status.transport_failing and policy.avoid_transport_failing:
-        return Exclusion(node, "transport_failing", "latest probe timed out or could not connect")
-    return None
+    return Exclusion(node, "transport_failing", "latest probe timed out or could not connect")
+
+
+def _takes_clients(status: NodeStatus, policy: RoutingConfig) -> bool:
+    """``_live_exclusion`` without building the exclusion, for the request path."""
+    return (
+        status.up
+        and not status.disabled
+        and not status.draining
+        and not (status.transport_failing and policy.avoid_transport_failing)
+    )
 
 
 def _at_capacity(status: NodeStatus) -> bool:
@@ -247,32 +265,377 @@ def filter_nodes(
     return Filtered(accepted, reserve, excluded)
 
 
-@dataclass(frozen=True, slots=True)
-class Ranked:
-    """The nodes config allows for one client location, per tier by distance; no live state.
+#: ``Tier(value)`` is an enum lookup; requests iterate this instead.
+_TIERS = tuple(Tier)
 
-    Built once per location (it depends on nothing else), so a request only walks the front
-    of it.
+
+class Cell(NamedTuple):
+    """The part of a client's location its ranking depends on.
+
+    The ASN only counts when some node is in or serves it (``NodeIndex.cell``), so clients of
+    one city on different networks share one ranking.
     """
 
-    #: Indexed by ``Tier``: (node, distance) pairs, nearest first.
-    tiers: tuple[tuple[tuple[NodeConfig, float | None], ...], ...]
-    excluded: tuple[Exclusion, ...]
+    country: str | None
+    continent: str | None
+    latitude: float | None
+    longitude: float | None
+    asn: int | None
 
 
-def rank_nodes(nodes: Iterable[NodeConfig], client: Location, policy: RoutingConfig) -> Ranked:
-    max_tier = Tier(TIER_ORDER.index(policy.max_tier))
-    tiers: list[list[tuple[NodeConfig, float | None]]] = [[] for _ in Tier]
-    excluded: list[Exclusion] = []
-    for node in nodes:
-        static = _static_exclusion(node, client, policy, max_tier)
-        if isinstance(static, Exclusion):
-            excluded.append(static)
+#: A node's position in the configured nodes.
+_Member = int
+#: A node ready for ranking: (distance or 0 if unknown, its rank by weight and id, distance).
+_Keyed = tuple[float, int, float | None]
+#: Half-width in radians (about 320 km) of the first latitude band searched for a tier's front.
+_FIRST_BAND = 0.05
+_Key = TypeVar("_Key")
+_T = TypeVar("_T")
+
+
+def _group(
+    nodes: Sequence[NodeConfig],
+    members: Iterable[_Member],
+    keys: Callable[[NodeConfig], Iterable[_Key]],
+) -> dict[_Key, tuple[_Member, ...]]:
+    groups: dict[_Key, list[_Member]] = {}
+    for member in members:
+        for key in keys(nodes[member]):
+            groups.setdefault(key, []).append(member)
+    return {key: tuple(group) for key, group in groups.items()}
+
+
+def _in(groups: Mapping[_Key, tuple[_Member, ...]], key: _Key | None) -> tuple[_Member, ...]:
+    return () if key is None else groups.get(key, ())
+
+
+class NodeIndex:
+    """The configured nodes arranged for ranking; built once per config.
+
+    The enabled nodes are grouped by the countries, continents and ASNs that put them in a
+    client's service area or tier, so ranking a location looks up a few groups rather than
+    testing every node; each node's latitude in radians and its cosine, which every distance
+    to it needs, are computed once.
+    """
+
+    __slots__ = (
+        "_by_latitude",
+        "_by_rank",
+        "_in_asn",
+        "_in_continent",
+        "_in_country",
+        "_latitudes",
+        "_member_of",
+        "_nodes",
+        "_open",
+        "_places",
+        "_rank",
+        "_serving_asn",
+        "_serving_continent",
+        "_serving_country",
+        "_unplaced",
+        "asns",
+    )
+
+    def __init__(self, nodes: Iterable[NodeConfig]) -> None:
+        configured = self._nodes = tuple(nodes)
+        # Node ids are unique (the config says so).
+        self._member_of = {node.id: member for member, node in enumerate(configured)}
+        enabled = [member for member, node in enumerate(configured) if node.enabled]
+        self._open = tuple(member for member in enabled if configured[member].serves.everywhere)
+        self._serving_country = _group(configured, enabled, lambda node: node.serves.countries)
+        self._serving_continent = _group(configured, enabled, lambda node: node.serves.continents)
+        self._serving_asn = _group(configured, enabled, lambda node: node.serves.asns)
+        self._in_asn = _group(configured, enabled, lambda node: node.asns)
+        self._in_country = _group(
+            configured, enabled, lambda node: () if node.country is None else (node.country,)
+        )
+        self._in_continent = _group(
+            configured, enabled, lambda node: () if node.continent is None else (node.continent,)
+        )
+        #: ASNs some enabled node is in or serves: no other ASN changes a ranking.
+        self.asns = frozenset(self._in_asn) | frozenset(self._serving_asn)
+        # Rank by the tie-break among equally distant nodes, heavier first, then by id: ranking
+        # then compares (distance, rank) pairs instead of building a key per node.
+        ordered = sorted(
+            range(len(configured)), key=lambda m: (-configured[m].weight, configured[m].id)
+        )
+        self._by_rank = tuple(configured[member] for member in ordered)
+        rank = [0] * len(configured)
+        for position, member in enumerate(ordered):
+            rank[member] = position
+        self._rank = tuple(rank)
+        self._places: tuple[tuple[float, float, float] | None, ...] = tuple(
+            None
+            if node.latitude is None or node.longitude is None
+            else (
+                math.radians(node.latitude),
+                math.cos(math.radians(node.latitude)),
+                node.longitude,
+            )
+            for node in configured
+        )
+
+        # Located nodes by latitude, for the band search of ``_nearest``.
+        placed = sorted(
+            (place[0], member) for member in enabled if (place := self._places[member]) is not None
+        )
+        self._latitudes = [phi for phi, _ in placed]
+        self._by_latitude = tuple(member for _, member in placed)
+        self._unplaced = tuple(member for member in enabled if self._places[member] is None)
+
+    def cell(self, client: Location) -> Cell:
+        asn = client.asn if client.asn in self.asns else None
+        return Cell(client.country, client.continent, client.latitude, client.longitude, asn)
+
+    def tiers(self, cell: Cell, max_tier: Tier) -> list[Collection[_Member]]:
+        """Per tier, the nodes config allows in ``cell``, in no particular order."""
+        allowed = set(self._open)
+        allowed.update(_in(self._serving_country, cell.country))
+        allowed.update(_in(self._serving_continent, cell.continent))
+        allowed.update(_in(self._serving_asn, cell.asn))
+        tiers: list[Collection[_Member]] = []
+        groups = (
+            _in(self._in_asn, cell.asn),
+            _in(self._in_country, cell.country),
+            _in(self._in_continent, cell.continent),
+        )
+        for tier, group in zip(_TIERS[: Tier.ANY], groups, strict=True):
+            members = [member for member in group if member in allowed] if tier <= max_tier else []
+            # A node belongs to its closest tier only.
+            allowed.difference_update(members)
+            tiers.append(members)
+        tiers.append(allowed if max_tier is Tier.ANY else ())
+        return tiers
+
+    def rest(
+        self,
+        cell: Cell,
+        max_tier: Tier,
+        tier: Tier,
+        seen: Iterable[NodeConfig],
+        admissible: Callable[[NodeConfig], bool],
+    ) -> list[tuple[NodeConfig, float | None]]:
+        skip = {self._member_of[node.id] for node in seen}
+        nodes = self._nodes
+        members = [
+            member
+            for member in self.tiers(cell, max_tier)[tier]
+            if member not in skip and admissible(nodes[member])
+        ]
+        by_rank = self._by_rank
+        return [
+            (by_rank[position], distance)
+            for _, position, distance in sorted(self._keyed(members, cell))
+        ]
+
+    def ranked(
+        self, members: Collection[_Member], cell: Cell, front: int | None
+    ) -> tuple[tuple[NodeConfig, ...], tuple[float | None, ...], bool]:
+        """``members`` nearest first (the first ``front`` of them, unless None), their
+        distances, and whether any were left out."""
+        truncated = front is not None and len(members) > front
+        if front is None or not truncated:
+            keyed = sorted(self._keyed(members, cell))
+        elif cell.latitude is None or cell.longitude is None:
+            keyed = heapq.nsmallest(front, self._keyed(members, cell))
         else:
-            tiers[static].append((node, distance_to(node, client)))
-    for members in tiers:
-        members.sort(key=lambda pair: (pair[1] or 0.0, -pair[0].weight, pair[0].id))
-    return Ranked(tuple(tuple(m) for m in tiers), tuple(excluded))
+            keyed = self._nearest(set(members), cell, cell.latitude, front)
+        by_rank = self._by_rank
+        nodes = tuple(by_rank[position] for _, position, _ in keyed)
+        return nodes, tuple(distance for _, _, distance in keyed), truncated
+
+    def _keyed(self, members: Iterable[_Member], cell: Cell) -> list[_Keyed]:
+        rank = self._rank
+        if cell.latitude is None or cell.longitude is None:
+            return [(0.0, rank[member], None) for member in members]
+        phi1 = math.radians(cell.latitude)
+        cos1 = math.cos(phi1)
+        lon1 = cell.longitude
+        places = self._places
+        # Names bound locally: this loop runs for thousands of nodes per cell.
+        sin, asin, sqrt, radians = math.sin, math.asin, math.sqrt, math.radians
+        diameter = 2 * EARTH_RADIUS_KM
+        keyed: list[_Keyed] = []
+        append = keyed.append
+        for member in members:
+            place = places[member]
+            if place is None:
+                append((0.0, rank[member], None))
+                continue
+            phi2, cos2, lon2 = place
+            # distance_km term for term, so distances and the ties between them are exactly
+            # those explain shows.
+            a = sin((phi2 - phi1) / 2) ** 2 + cos1 * cos2 * sin(radians(lon2 - lon1) / 2) ** 2
+            distance = diameter * asin(min(1.0, sqrt(a)))
+            append((distance, rank[member], distance))
+        return keyed
+
+    def _nearest(
+        self, members: Container[_Member], cell: Cell, latitude: float, front: int
+    ) -> list[_Keyed]:
+        """The first ``front`` of ``members``, found in a latitude band around the cell that
+        widens until they are known: a node outside a band of half-width w radians is at least
+        w times the earth's radius away, so once ``front`` nodes in the band are nearer than
+        that, no node outside can precede them. Most nodes are then never measured."""
+        phi = math.radians(latitude)
+        latitudes, order = self._latitudes, self._by_latitude
+        found = self._keyed((m for m in self._unplaced if m in members), cell)
+        low = high = bisect.bisect_left(latitudes, phi)
+        width = _FIRST_BAND
+        while True:
+            wider_low = bisect.bisect_left(latitudes, phi - width)
+            wider_high = bisect.bisect_right(latitudes, phi + width)
+            found += self._keyed((m for m in order[wider_low:low] if m in members), cell)
+            found += self._keyed((m for m in order[high:wider_high] if m in members), cell)
+            low, high = wider_low, wider_high
+            if len(found) >= front:
+                found = heapq.nsmallest(front, found)
+                # The margin covers rounding in the distances, which are never below the bound
+                # by more than a few ulps.
+                if found[-1][0] < EARTH_RADIUS_KM * width * (1 - 1e-9):
+                    return found
+            if low == 0 and high == len(order):
+                return heapq.nsmallest(front, found)
+            width *= 2
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """The nodes config allows in one routing cell, per tier by distance; no live state.
+
+    Built once per cell (it depends on nothing else), so a request only walks the front of
+    it. Each tier is ordered by (distance, or 0 if unknown; heavier first; id).
+    """
+
+    #: Indexed by ``Tier``: the tier's nodes, nearest first.
+    nodes: tuple[tuple[NodeConfig, ...], ...]
+    #: Parallel to ``nodes``: each node's distance from the cell, None if either is unplaced.
+    distances: tuple[tuple[float | None, ...], ...]
+    #: Indexed by ``Tier``: whether nodes past those listed were left out.
+    truncated: tuple[bool, ...]
+
+
+def rank_nodes(
+    index: NodeIndex, cell: Cell, policy: RoutingConfig, fronts: Sequence[int | None]
+) -> Ranked:
+    """Per tier, its first ``fronts[tier]`` nodes (None: all), nearest first."""
+    max_tier = Tier(TIER_ORDER.index(policy.max_tier))
+    tiers = [
+        index.ranked(members, cell, front)
+        for members, front in zip(index.tiers(cell, max_tier), fronts, strict=True)
+    ]
+    return Ranked(
+        tuple(nodes for nodes, _, _ in tiers),
+        tuple(distances for _, distances, _ in tiers),
+        tuple(truncated for _, _, truncated in tiers),
+    )
+
+
+def deepen(
+    index: NodeIndex, ranked: Ranked, cell: Cell, policy: RoutingConfig, tier: Tier, front: int
+) -> Ranked:
+    """``ranked`` (of ``cell``) with the first ``front`` nodes of ``tier``; the other tiers
+    as they were."""
+    members = index.tiers(cell, Tier(TIER_ORDER.index(policy.max_tier)))[tier]
+    nodes, distances, truncated = index.ranked(members, cell, front)
+    return Ranked(
+        _replaced(ranked.nodes, tier, nodes),
+        _replaced(ranked.distances, tier, distances),
+        _replaced(ranked.truncated, tier, truncated),
+    )
+
+
+def _replaced(items: tuple[_T, ...], position: int, item: _T) -> tuple[_T, ...]:
+    return (*items[:position], item, *items[position + 1 :])
+
+
+def rank_rest(
+    index: NodeIndex,
+    cell: Cell,
+    policy: RoutingConfig,
+    tier: Tier,
+    seen: Iterable[NodeConfig],
+    admissible: Callable[[NodeConfig], bool],
+) -> list[tuple[NodeConfig, float | None]]:
+    """The nodes of ``tier`` other than ``seen`` that ``admissible`` accepts, nearest first.
+
+    For walks past a deep front, where most nodes are down or lack the revision: filtering
+    before measuring spares the distance to every node of the tier.
+    """
+    return index.rest(cell, Tier(TIER_ORDER.index(policy.max_tier)), tier, seen, admissible)
+
+
+#: ``decide_ranked``'s source for walks past the front of a tier: given the tier, how many of
+#: its nodes the walk has seen and which nodes it could admit, the tier's later nodes nearest
+#: first. It may leave out nodes ``admissible`` rejects, asking it of nodes the walk would not
+#: have reached.
+Deeper = Callable[
+    [Tier, int, Callable[[NodeConfig], bool]], Iterable[tuple[NodeConfig, float | None]]
+]
+
+
+def _past_front(
+    deeper: Deeper,
+    tier: Tier,
+    seen: int,
+    statuses: NodeStatuses,
+    policy: RoutingConfig,
+    unavailable: Callable[[NodeConfig], str | None],
+) -> Iterator[tuple[NodeConfig, float | None]]:
+    # A generator, so ``deeper`` is asked only when a walk gets past the front.
+    def admissible(node: NodeConfig) -> bool:
+        status = statuses.get(node.id, NODE_ASSUMED_UP)
+        return _takes_clients(status, policy) and unavailable(node) is None
+
+    yield from deeper(tier, seen, admissible)
+
+
+def _walk(
+    ranked: Ranked,
+    tier: Tier,
+    need: int,
+    pool: bool,
+    statuses: NodeStatuses,
+    policy: RoutingConfig,
+    unavailable: Callable[[NodeConfig], str | None],
+    deeper: Deeper,
+    reserve: list[Candidate],
+) -> list[Candidate]:
+    """The tier's candidates, sorted, exact for the best ``need`` (and for the near-equal pool
+    when ``pool``): a node farther than both bounds cannot score into either. Nodes at
+    capacity go to ``reserve``."""
+    nodes = ranked.nodes[tier]
+    members: Iterable[tuple[NodeConfig, float | None]] = zip(
+        nodes, ranked.distances[tier], strict=True
+    )
+    if ranked.truncated[tier]:
+        past = _past_front(deeper, tier, len(nodes), statuses, policy, unavailable)
+        members = chain(members, past)
+    accepted: list[Candidate] = []
+    scores: list[float] = []
+    # The bounds change only when a node is accepted, so they are computed then.
+    limit = math.inf
+    near_km, near_ratio = policy.near_equal_km, policy.near_equal_ratio
+    for node, distance in members:
+        if (distance or 0.0) > limit:
+            break
+        status = statuses.get(node.id, NODE_ASSUMED_UP)
+        if not _takes_clients(status, policy) or unavailable(node) is not None:
+            continue
+        candidate = Candidate(node, tier, distance, score(distance, status, policy))
+        if _at_capacity(status):
+            reserve.append(candidate)
+            continue
+        accepted.append(candidate)
+        bisect.insort(scores, candidate.score)
+        best = scores[0]
+        band = best + max(near_km, best * near_ratio)
+        needed = scores[need - 1] if len(scores) >= need else math.inf
+        limit = max(band if pool else -math.inf, needed)
+    if len(accepted) > 1:
+        accepted.sort(key=_by_preference)
+    return accepted
 
 
 def decide_ranked(
@@ -282,6 +645,7 @@ def decide_ranked(
     rng: random.Random,
     *,
     unavailable: Callable[[NodeConfig], str | None],
+    deeper: Deeper,
     key: str = "",
     recent: Mapping[str, int] | None = None,
     warm_caches: Container[str] = frozenset(),
@@ -293,62 +657,36 @@ def decide_ranked(
     once the distance passes the best score plus the near-equal band, no later node of the tier
     can join the pool. Visiting goes on only until ``keep`` candidates are known (the next-best
     sources a redirect names besides the chosen one). ``unavailable`` (revision checks) is
-    asked only of visited nodes. The decision lists the visited candidates, not every
-    exclusion: explain uses ``decide``.
+    asked only of visited nodes. A walk that gets past the front ``ranked`` holds of a tier
+    goes on with the nodes ``deeper`` gives. The decision lists the visited candidates and no
+    exclusions: explain uses ``decide``.
     """
     reserve: list[Candidate] = []
-
-    def admit(node: NodeConfig, tier: Tier, distance: float | None) -> Candidate | None:
-        status = statuses.get(node.id, NODE_ASSUMED_UP)
-        if _live_exclusion(node, status, policy) is not None or unavailable(node) is not None:
-            return None
-        candidate = Candidate(node, tier, distance, score(distance, status, policy))
-        if _at_capacity(status):
-            reserve.append(candidate)
-            return None
-        return candidate
-
-    def walk(
-        tier: Tier, members: Sequence[tuple[NodeConfig, float | None]], need: int, pool: bool
-    ) -> list[Candidate]:
-        """The tier's candidates, sorted, exact for the best ``need`` (and for the near-equal
-        pool when ``pool``): a node farther than both bounds cannot score into either."""
-        accepted: list[Candidate] = []
-        scores: list[float] = []
-        for node, distance in members:
-            if accepted:
-                best = scores[0]
-                bound = best + max(policy.near_equal_km, best * policy.near_equal_ratio)
-                needed = scores[need - 1] if len(scores) >= need else math.inf
-                if (distance or 0.0) > max(bound if pool else -math.inf, needed):
-                    break
-            candidate = admit(node, tier, distance)
-            if candidate is not None:
-                accepted.append(candidate)
-                bisect.insort(scores, candidate.score)
-        accepted.sort(key=_by_preference)
-        return accepted
-
-    tiers = [(Tier(value), members) for value, members in enumerate(ranked.tiers)]
-    for position, (tier, members) in enumerate(tiers):
-        accepted = walk(tier, members, keep, pool=True)
-        chosen = choose(accepted, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+    for tier in _TIERS:
+        if not ranked.nodes[tier]:
+            continue
+        accepted = _walk(ranked, tier, keep, True, statuses, policy, unavailable, deeper, reserve)
+        pool = near_equals(accepted, policy)
+        chosen = _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
         if chosen is None:
             continue
-        shown = accepted[: max(keep, len(near_equals(accepted, policy)))]
-        for later_tier, later_members in tiers[position + 1 :]:
+        shown = accepted[: max(keep, len(pool))]
+        for later in _TIERS[tier + 1 :]:
             if len(shown) >= keep:
                 break
+            if not ranked.nodes[later]:
+                continue
             need = keep - len(shown)
-            shown += walk(later_tier, later_members, need, pool=False)[:need]
-        reason = _TIER_REASON[chosen.tier]
-        return Decision(chosen.node, reason, tuple(shown), ranked.excluded)
+            shown += _walk(
+                ranked, later, need, False, statuses, policy, unavailable, deeper, reserve
+            )[:need]
+        return Decision(chosen.node, _TIER_REASON[chosen.tier], tuple(shown), ())
     # No tier had an eligible node, so every node was visited: the reserve is complete.
     reserve.sort(key=_by_preference)
     last_resort = choose(reserve, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
     if last_resort is not None:
-        return Decision(last_resort.node, "at_capacity_last_resort", (), ranked.excluded)
-    return Decision(None, "no_eligible_node", (), ranked.excluded)
+        return Decision(last_resort.node, "at_capacity_last_resort", (), ())
+    return Decision(None, "no_eligible_node", (), ())
 
 
 def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[Candidate]:
@@ -409,6 +747,18 @@ def choose(
     ``key`` picks among them by bounded-load rendezvous over ``recent`` redirect counts.
     """
     pool = near_equals(candidates, policy)
+    return _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+
+
+def _choose_in_pool(
+    pool: Sequence[Candidate],
+    policy: RoutingConfig,
+    rng: random.Random,
+    *,
+    key: str,
+    recent: Mapping[str, int] | None,
+    warm_caches: Container[str],
+) -> Candidate | None:
     if len(pool) <= 1:
         return pool[0] if pool else None
     caches = [c for c in pool if c.node.kind == "cache"]

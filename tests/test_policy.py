@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import pytest
@@ -12,6 +13,10 @@ from hypothesis import strategies as st
 from gateway.config import NodeConfig, RoutingConfig, ServiceArea
 from gateway.geo import UNKNOWN_LOCATION, Location
 from gateway.policy import (
+    Cell,
+    Deeper,
+    NodeIndex,
+    Ranked,
     Tier,
     bounded_rendezvous,
     choose,
@@ -20,6 +25,7 @@ from gateway.policy import (
     distance_km,
     filter_nodes,
     rank_nodes,
+    rank_rest,
     rendezvous_order,
 )
 from gateway.state import NO_LIVE_STATE, NodeStatus
@@ -401,7 +407,7 @@ many_nodes = st.lists(
         kind=st.sampled_from(["mirror", "cache", "third_party"]),
         country=countries,
         continent=st.sampled_from(["AS", "NA", "EU", None]),
-        latitude=st.floats(-60, 60),
+        latitude=st.one_of(st.none(), st.floats(-60, 60)),
         longitude=st.floats(-170, 170),
         asns=st.frozensets(st.sampled_from([4134, 4837, 2516]), max_size=1),
         weight=st.floats(0.5, 4),
@@ -421,6 +427,24 @@ live_states = st.builds(
 )
 
 
+def past_front(
+    index: NodeIndex, cell: Cell, policy: RoutingConfig, ranked: Ranked, filtered: bool
+) -> Deeper:
+    """Walks past ``ranked``'s front go on in the complete ranking, or, ``filtered``, among
+    the admissible nodes of the rest of the tier."""
+
+    def deeper(
+        tier: Tier, seen: int, admissible: Callable[[NodeConfig], bool]
+    ) -> Iterable[tuple[NodeConfig, float | None]]:
+        assert seen == len(ranked.nodes[tier])
+        if filtered:
+            return rank_rest(index, cell, policy, tier, ranked.nodes[tier], admissible)
+        complete = rank_nodes(index, cell, policy, [None] * len(Tier))
+        return zip(complete.nodes[tier][seen:], complete.distances[tier][seen:], strict=True)
+
+    return deeper
+
+
 @settings(max_examples=400)
 @given(
     nodes=many_nodes,
@@ -428,6 +452,9 @@ live_states = st.builds(
     states=st.lists(live_states, min_size=25, max_size=25),
     missing=st.sets(st.integers(0, 24)),
     near_km=st.sampled_from([0.0, 100.0, 2000.0]),
+    max_tier=st.sampled_from(["asn", "country", "continent", "any"]),
+    front=st.sampled_from([1, 2, 3, 32]),
+    filtered=st.booleans(),
     seed=st.integers(0, 2**32),
 )
 def test_ranked_walk_chooses_as_the_full_evaluation(
@@ -436,16 +463,23 @@ def test_ranked_walk_chooses_as_the_full_evaluation(
     states: list[NodeStatus],
     missing: set[int],
     near_km: float,
+    max_tier: str,
+    front: int,
+    filtered: bool,
     seed: int,
 ) -> None:
-    policy = RoutingConfig(near_equal_km=near_km)
+    policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
     statuses = {node.id: states[i] for i, node in enumerate(nodes)}
     unavailable = {node.id: "not synced" for i, node in enumerate(nodes) if i in missing}
     full = decide(nodes, client, statuses, policy, random.Random(seed), key="k",
                   unavailable=unavailable)  # fmt: skip
+    index = NodeIndex(nodes)
+    cell = index.cell(client)
+    ranked = rank_nodes(index, cell, policy, [front] * len(Tier))
     fast = decide_ranked(
-        rank_nodes(nodes, client, policy), statuses, policy, random.Random(seed),
-        unavailable=lambda node: unavailable.get(node.id), key="k", keep=3,
+        ranked, statuses, policy, random.Random(seed),
+        unavailable=lambda node: unavailable.get(node.id),
+        deeper=past_front(index, cell, policy, ranked, filtered), key="k", keep=3,
     )  # fmt: skip
     assert (fast.node, fast.reason) == (full.node, full.reason)
     # The fast walk's candidates (the pool and the next best, for duplicate links) are exactly

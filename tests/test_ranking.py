@@ -1,0 +1,276 @@
+"""Cached rankings: only the front of each tier is kept, keyed by what the ranking depends on.
+
+The ranked request path must decide exactly as the full evaluation (``decide``) even when its
+walks get past the kept front, as they do when most nearby nodes are down or lack the revision;
+clients that differ only in a network no node cares about share one ranking; and a kept
+ranking holds as many nodes whatever the number configured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.clientip import ClientAddress
+from gateway.config import GatewayConfig, NodeConfig, RoutingConfig, ServiceArea
+from gateway.geo import DatabaseInfo, IPAddress, Location
+from gateway.hfpath import FileRef
+from gateway.policy import (
+    NodeIndex,
+    Ranked,
+    Tier,
+    deepen,
+    distance_to,
+    filter_nodes,
+    rank_nodes,
+)
+from gateway.router import FRONT, MAX_FRONT, Router
+from gateway.state import NodeStatus
+
+# Few distinct places, so that equal distances (and the weight/id tie-break) are common.
+PLACES = [(39.9, 116.4), (31.2, 121.5), (35.7, 139.7), (50.1, 8.7), (-33.9, 151.2), (0.0, 0.0),
+          (89.5, 10.0), (-89.5, -170.0), (1.3, 179.9), (1.3, -179.9)]  # fmt: skip
+places = st.one_of(st.sampled_from(PLACES), st.tuples(st.floats(-90, 90), st.floats(-180, 180)))
+nodes = st.lists(
+    st.builds(
+        lambda node_id, place, located, **fields: NodeConfig(
+            node_id,
+            "https://n.example",
+            latitude=place[0] if located else None,
+            longitude=place[1] if located else None,
+            **fields,
+        ),
+        node_id=st.uuids().map(str),
+        place=places,
+        located=st.booleans() | st.just(True),
+        kind=st.sampled_from(["mirror", "cache"]),
+        country=st.sampled_from(["CN", "JP", "DE", None]),
+        continent=st.sampled_from(["AS", "EU", None]),
+        asns=st.frozensets(st.sampled_from([4134, 2516]), max_size=1),
+        weight=st.sampled_from([0.5, 1.0, 2.0]),
+        enabled=st.booleans() | st.just(True),
+        serves=st.sampled_from(
+            [
+                ServiceArea(),
+                ServiceArea(countries=frozenset({"CN"})),
+                ServiceArea(asns=frozenset({2516})),
+            ]
+        ),
+    ),
+    max_size=60,
+    unique_by=lambda node: node.id,
+)
+clients = st.builds(
+    Location,
+    country=st.sampled_from(["CN", "JP", "DE", None]),
+    continent=st.sampled_from(["AS", "EU", None]),
+    latitude=st.one_of(st.none(), st.sampled_from([p[0] for p in PLACES]), st.floats(-90, 90)),
+    longitude=st.one_of(st.none(), st.sampled_from([p[1] for p in PLACES]), st.floats(-180, 180)),
+    asn=st.sampled_from([None, 4134, 2516, 64512]),
+)
+tiers = st.sampled_from(["asn", "country", "continent", "any"])
+
+
+@settings(max_examples=300)
+@given(nodes=nodes, client=clients, max_tier=tiers, front=st.integers(1, 5))
+def test_a_front_is_the_start_of_the_full_ranking(
+    nodes: list[NodeConfig], client: Location, max_tier: str, front: int
+) -> None:
+    policy = RoutingConfig(max_tier=max_tier)  # type: ignore[arg-type]
+    index = NodeIndex(nodes)
+    cell = index.cell(client)
+    complete = rank_nodes(index, cell, policy, [None] * len(Tier))
+    ranked = rank_nodes(index, cell, policy, [front] * len(Tier))
+    for tier in Tier:
+        assert ranked.nodes[tier] == complete.nodes[tier][:front]
+        assert ranked.distances[tier] == complete.distances[tier][:front]
+        assert ranked.truncated[tier] == (len(complete.nodes[tier]) > front)
+        deeper = [front] * len(Tier)
+        deeper[tier] = 2 * front
+        assert deepen(index, ranked, cell, policy, tier, 2 * front) == rank_nodes(
+            index, cell, policy, deeper
+        )
+    # The complete ranking is the order ``decide`` gives, distances included to the last bit.
+    accepted = filter_nodes(nodes, client, {}, policy).accepted
+    assert [(c.node, c.tier) for c in accepted] == [
+        (node, tier) for tier in Tier for node in complete.nodes[tier]
+    ]
+    assert [c.distance_km for c in accepted] == [
+        d for tier in Tier for d in complete.distances[tier]
+    ]
+    assert all(
+        d == distance_to(node, client)
+        for tier in Tier
+        for node, d in zip(complete.nodes[tier], complete.distances[tier], strict=True)
+    )
+
+
+live = st.builds(
+    NodeStatus,
+    up=st.booleans() | st.just(False),
+    latency_ms=st.one_of(st.none(), st.floats(0, 300)),
+    load=st.one_of(st.none(), st.floats(0, 1.5)),
+)
+
+
+@settings(max_examples=300)
+@given(
+    nodes=nodes,
+    client=clients,
+    states=st.lists(live, min_size=60, max_size=60),
+    missing=st.sets(st.integers(0, 59), min_size=20),
+    near_km=st.sampled_from([0.0, 100.0, 5000.0]),
+    max_tier=tiers,
+    seed=st.integers(0, 2**32),
+)
+def test_walks_past_a_tiny_front_decide_as_the_full_evaluation(
+    nodes: list[NodeConfig],
+    client: Location,
+    states: list[NodeStatus],
+    missing: set[int],
+    near_km: float,
+    max_tier: str,
+    seed: int,
+) -> None:
+    """Most nodes down or without the revision: walks run past fronts of 2 nodes. The
+    router's deepening of its kept rankings, and past a cap of 8 its per-request ranking of
+    the admissible rest, must not change a decision."""
+    policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
+    config = GatewayConfig(routing=policy, nodes=tuple(nodes))
+    statuses = {node.id: states[i] for i, node in enumerate(nodes)}
+    revisions = Lacking({node.id for i, node in enumerate(nodes) if i in missing})
+    locator = FixedLocator({ip(1): client})
+    router = Router(config, locator, random.Random(seed))
+    reference = Router(config, locator, random.Random(seed))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gateway.router.FIRST_FRONTS", (2,) * len(Tier))
+        patch.setattr("gateway.router.MAX_FRONT", 8)
+        for _ in range(2):  # first with the fronts, then with the rankings the first deepened
+            fast = router.route(REF, address(1), statuses, revisions=revisions).decision
+            full = reference.route(REF, address(1), statuses, revisions=revisions, full=True)
+            assert (fast.node, fast.reason) == (full.decision.node, full.decision.reason)
+            assert fast.candidates == full.decision.candidates[: len(fast.candidates)]
+            assert len(fast.candidates) >= min(4, len(full.decision.candidates))
+    assert all(
+        len(tier) <= 8 for ranked in router._ranked_by_cell.values() for tier in ranked.nodes
+    )
+
+
+class Lacking:
+    """A revision check: the nodes named lack the revision."""
+
+    def __init__(self, lacking: set[str]) -> None:
+        self.lacking = lacking
+
+    def reason(self, node: NodeConfig) -> str | None:
+        return "not synced" if node.id in self.lacking else None
+
+    def revision_for(self, node_id: str) -> str | None:
+        return None
+
+    def __contains__(self, node_id: object) -> bool:
+        return False
+
+
+class FixedLocator:
+    """Addresses placed where the test says."""
+
+    databases: tuple[DatabaseInfo, ...] = ()
+
+    def __init__(self, places: dict[IPAddress, Location]) -> None:
+        self.places = places
+
+    def locate(self, ip: IPAddress) -> Location:
+        return self.places[ip]
+
+    def close(self) -> None:
+        pass
+
+
+REF = FileRef("model", "org/model", "0" * 40, "config.json")
+BEIJING = Location("CN", "AS", 39.9, 116.4, 4134, "CHINANET")
+
+
+def ip(n: int) -> IPAddress:
+    return ipaddress.ip_address(f"192.0.2.{n}")
+
+
+def address(n: int) -> ClientAddress:
+    return ClientAddress(ip(n), "peer")
+
+
+def world(count: int, *, near: Location = BEIJING) -> tuple[NodeConfig, ...]:
+    """``count`` open nodes around ``near``, one of them in AS4134, spread over a few degrees."""
+    assert near.latitude is not None and near.longitude is not None
+    rng = random.Random(count)
+    return tuple(
+        NodeConfig(
+            f"n{i:05d}",
+            f"https://n{i}.example",
+            country=near.country,
+            continent=near.continent,
+            latitude=near.latitude + rng.uniform(-5, 5),
+            longitude=near.longitude + rng.uniform(-5, 5),
+            asns=frozenset({4134}) if i == 0 else frozenset(),
+        )
+        for i in range(count)
+    )
+
+
+def stored_pairs(ranked: Ranked) -> int:
+    return sum(len(tier) for tier in ranked.nodes) + sum(len(tier) for tier in ranked.distances)
+
+
+def test_clients_differing_only_in_an_unreferenced_asn_share_a_ranking() -> None:
+    clients = {
+        ip(1): BEIJING,
+        ip(2): replace(BEIJING, asn=4808, asn_org="UNICOM"),  # no node lists AS4808
+        ip(3): replace(BEIJING, asn=None, asn_org=None),
+        ip(4): replace(BEIJING, asn=9808, asn_org="MOBILE"),  # a node serves AS9808
+    }
+    nodes = (
+        *world(3),
+        replace(world(1)[0], id="mobile", serves=ServiceArea(asns=frozenset({9808}))),
+    )
+    router = Router(GatewayConfig(nodes=nodes), FixedLocator(clients), random.Random(1))
+    decisions = [router.route(REF, address(n)).decision for n in (1, 2, 3, 4)]
+    # AS4134 (listed by n00000) and AS9808 (served by "mobile") each get their own ranking;
+    # AS4808 is no different from no ASN at all.
+    assert len(router._ranked_by_cell) == 3
+    assert decisions[0].reason == "same_asn"
+    assert decisions[1] == decisions[2]
+
+
+def test_a_kept_ranking_does_not_grow_with_the_node_count() -> None:
+    sizes = []
+    for count in (FRONT + 1, 20 * FRONT):
+        router = Router(GatewayConfig(nodes=world(count)), FixedLocator({ip(1): BEIJING}))
+        router.route(REF, address(1))
+        (ranked,) = router._ranked_by_cell.values()
+        sizes.append(stored_pairs(ranked))
+    # n00000 is alone in the ASN tier; the rest share the country tier, of which FRONT are kept.
+    assert sizes == [2 * (1 + FRONT)] * 2
+
+
+def test_a_large_near_equal_pool_deepens_the_kept_ranking_up_to_a_cap() -> None:
+    # Every node within the near-equal band of the country tier: the decision needs them all.
+    policy = RoutingConfig(near_equal_km=5000.0)
+    client = replace(BEIJING, asn=None)
+    for count, deepest in ((3 * FRONT, 3 * FRONT), (2 * MAX_FRONT, MAX_FRONT)):
+        nodes = world(count)
+        config = GatewayConfig(routing=policy, nodes=nodes)
+        router = Router(config, FixedLocator({ip(1): client}), random.Random(7))
+        reference = Router(config, FixedLocator({ip(1): client}), random.Random(7))
+        for _ in range(3):
+            fast = router.route(REF, address(1)).decision
+            full = reference.route(REF, address(1), full=True).decision
+            assert (fast.node, fast.reason) == (full.node, full.reason)
+        (ranked,) = router._ranked_by_cell.values()
+        # Doubled from FRONT until the walk fits: all of a tier of 3 * FRONT, or the cap (past
+        # which walks rank the rest per request).
+        assert len(ranked.nodes[Tier.COUNTRY]) == deepest
