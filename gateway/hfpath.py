@@ -83,6 +83,12 @@ class FileRef:
     def filename_encoded(self) -> str:
         return quote(self.filename, safe="/")
 
+    @property
+    def fields(self) -> tuple[str, str, str, str]:
+        """The fields as a plain tuple: a dict key hashed and compared in C, unlike the
+        dataclass's own methods."""
+        return (self.repo_type, self.repo_id, self.revision, self.filename)
+
     def with_revision(self, revision: str) -> FileRef:
         """The same file at ``revision``, validated like a parsed one (raises PathError)."""
         # The new revision usually comes from outside (an upstream header), so it gets the same

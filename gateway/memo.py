@@ -8,6 +8,7 @@ recency on every hit would cost more than recomputing a forgotten entry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -34,6 +35,11 @@ class BoundedMemo(Generic[K, V]):
             del entries[next(iter(entries))]
         entries[key] = value
         return value
+
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        """The remembered value, or ``make()`` remembered."""
+        value = self._entries.get(key)
+        return self.put(key, make()) if value is None else value
 
     def clear(self) -> None:
         self._entries.clear()

@@ -273,16 +273,14 @@ _described_links: BoundedMemo[tuple[str, str, str, str], str] = BoundedMemo(DESC
 
 
 def _described_by(pinned: FileRef) -> str:
-    # A tuple of the fields hashes and compares in C; the dataclass's own methods are Python.
-    key = (pinned.repo_type, pinned.repo_id, pinned.revision, pinned.filename)
-    link = _described_links.get(key)
-    if link is None:
-        # A path-absolute reference: the gateway's own origin, whatever name the client used.
-        described = replace(pinned, filename=pinned.filename + METALINK_SUFFIX)
-        link = _described_links.put(
-            key, f'<{resolve_path_for(described)}>; rel=describedby; type="{METALINK_TYPE}"'
-        )
-    return link
+    # A path-absolute reference: the gateway's own origin, whatever name the client used.
+    return _described_links.get_or_make(
+        pinned.fields,
+        lambda: (
+            f"<{resolve_path_for(pinned)}{METALINK_SUFFIX}>; rel=describedby; "
+            f'type="{METALINK_TYPE}"'
+        ),
+    )
 
 
 def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:

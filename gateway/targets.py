@@ -8,7 +8,7 @@ can move a redirect off the configured node or upstream.
 from __future__ import annotations
 
 from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
-from gateway.hfpath import FileRef
+from gateway.hfpath import FileRef, resolve_path_for
 from gateway.memo import BoundedMemo
 
 #: Files whose encoded default-template path is remembered; the default template is what upstream
@@ -18,20 +18,13 @@ _default_paths: BoundedMemo[tuple[str, str, str, str], str] = BoundedMemo(ENCODE
 
 
 def _default_path(ref: FileRef) -> str:
-    # A tuple of the fields hashes and compares in C; the dataclass's own methods are Python.
-    key = (ref.repo_type, ref.repo_id, ref.revision, ref.filename)
-    encoded = _default_paths.get(key)
-    if encoded is None:
-        encoded = _default_paths.put(
-            key,
-            f"{ref.type_prefix}{ref.repo_id}/resolve/{ref.revision_encoded}/{ref.filename_encoded}",
-        )
-    return encoded
+    # The default template is the base followed by the canonical resolve path.
+    return _default_paths.get_or_make(ref.fields, lambda: resolve_path_for(ref))
 
 
 def fill_template(template: str, base: str, ref: FileRef) -> str:
     if template == DEFAULT_URL_TEMPLATE:
-        return f"{base}/{_default_path(ref)}"
+        return f"{base}{_default_path(ref)}"
     return template.format(
         base=base,
         type_prefix=ref.type_prefix,

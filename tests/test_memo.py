@@ -28,6 +28,19 @@ def test_bounded_memo_drops_the_oldest_insert_when_full() -> None:
     assert len(memo) == 3 and memo.get("b") == 10 and memo.get("c") == 2
 
 
+def test_get_or_make_makes_only_what_is_missing() -> None:
+    memo: BoundedMemo[str, str] = BoundedMemo(2)
+    made: list[str] = []
+
+    def make(value: str) -> str:
+        made.append(value)
+        return value
+
+    assert memo.get_or_make("a", lambda: make("A")) == "A"
+    assert memo.get_or_make("a", lambda: make("other")) == "A"
+    assert made == ["A"]
+
+
 def test_bounded_memo_refuses_a_useless_limit() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         BoundedMemo(0)
