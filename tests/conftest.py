@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub
 from geoworld import GeoDBs, build_asn_db, build_city_db
+from redis.asyncio import Redis
 from redis_server import RedisServer, free_port
 
 from gateway.config import GeoIPConfig
@@ -66,3 +67,11 @@ def fake_hub() -> Iterator[FakeHub]:
     """A local Hugging Face upstream with the standard repos, Xet bait included."""
     with FakeHub() as hub:
         yield hub
+
+
+@pytest.fixture
+async def direct(redis_url: str) -> AsyncIterator[Redis]:
+    """A plain client on the shared test server, to look at and write keys behind a store."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()

@@ -126,14 +126,6 @@ async def make_store() -> AsyncIterator[MakeStore]:
         await store.close()
 
 
-@pytest.fixture
-async def direct(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain client on the shared test server, to look at and tamper with the keys."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
 # --------------------------------------------------------------------------- records
 
 

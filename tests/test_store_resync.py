@@ -79,14 +79,6 @@ async def make_store() -> AsyncIterator[MakeStore]:
 
 
 @pytest.fixture
-async def direct(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain client on the shared test server, to write keys behind the store's back."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 def decoded(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str]]:
     """How often the store decoded a record, per (kind, node id)."""
     counts: Counter[tuple[str, str]] = Counter()
