@@ -73,6 +73,7 @@ async def plan_route(
         store.live.statuses,
         store.redirects.current,
         revisions,
+        changes=store.live,
         full=full,
     )
     decision_seconds = time.perf_counter() - started

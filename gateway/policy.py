@@ -601,10 +601,12 @@ def _walk(
     unavailable: Callable[[NodeConfig], str | None],
     deeper: Deeper,
     reserve: list[Candidate],
-) -> list[Candidate]:
+    visited: list[NodeConfig] | None = None,
+) -> tuple[list[Candidate], float]:
     """The tier's candidates, sorted, exact for the best ``need`` (and for the near-equal pool
-    when ``pool``): a node farther than both bounds cannot score into either. Nodes at
-    capacity go to ``reserve``."""
+    when ``pool``): a node farther than both bounds cannot score into either. Also that bound:
+    every candidate scoring within it is listed. Nodes at capacity go to ``reserve``, every
+    node looked at to ``visited``."""
     nodes = ranked.nodes[tier]
     members: Iterable[tuple[NodeConfig, float | None]] = zip(
         nodes, ranked.distances[tier], strict=True
@@ -620,6 +622,8 @@ def _walk(
     for node, distance in members:
         if (distance or 0.0) > limit:
             break
+        if visited is not None:
+            visited.append(node)
         status = statuses.get(node.id, NODE_ASSUMED_UP)
         if not _takes_clients(status, policy) or unavailable(node) is not None:
             continue
@@ -633,9 +637,11 @@ def _walk(
         band = best + max(near_km, best * near_ratio)
         needed = scores[need - 1] if len(scores) >= need else math.inf
         limit = max(band if pool else -math.inf, needed)
+    else:
+        limit = math.inf  # the whole tier was seen
     if len(accepted) > 1:
         accepted.sort(key=_by_preference)
-    return accepted
+    return accepted, limit
 
 
 def decide_ranked(
@@ -662,31 +668,187 @@ def decide_ranked(
     exclusions: explain uses ``decide``.
     """
     reserve: list[Candidate] = []
-    for tier in _TIERS:
-        if not ranked.nodes[tier]:
-            continue
-        accepted = _walk(ranked, tier, keep, True, statuses, policy, unavailable, deeper, reserve)
-        pool = near_equals(accepted, policy)
-        chosen = _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
-        if chosen is None:
-            continue
-        shown = accepted[: max(keep, len(pool))]
-        for later in _TIERS[tier + 1 :]:
-            if len(shown) >= keep:
-                break
-            if not ranked.nodes[later]:
-                continue
-            need = keep - len(shown)
-            shown += _walk(
-                ranked, later, need, False, statuses, policy, unavailable, deeper, reserve
-            )[:need]
-        return Decision(chosen.node, _TIER_REASON[chosen.tier], tuple(shown), ())
+
+    def walk(tier: Tier, need: int, pool: bool) -> list[Candidate]:
+        accepted, _ = _walk(
+            ranked, tier, need, pool, statuses, policy, unavailable, deeper, reserve
+        )
+        return accepted
+
+    decision = _first_choice(
+        walk, ranked.nodes, policy, rng, key=key, recent=recent, warm_caches=warm_caches,
+        keep=keep,
+    )  # fmt: skip
+    if decision is not None:
+        return decision
     # No tier had an eligible node, so every node was visited: the reserve is complete.
     reserve.sort(key=_by_preference)
     last_resort = choose(reserve, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
     if last_resort is not None:
         return Decision(last_resort.node, "at_capacity_last_resort", (), ())
     return Decision(None, "no_eligible_node", (), ())
+
+
+#: Given a tier, how many of its best candidates must be exact and whether its near-equal
+#: pool must be too: the tier's candidates, best first, or None when that cannot be told.
+_Take = Callable[[Tier, int, bool], list[Candidate] | None]
+
+
+def _first_choice(
+    take: _Take,
+    tiers: Sequence[object],
+    policy: RoutingConfig,
+    rng: random.Random,
+    *,
+    key: str,
+    recent: Mapping[str, int] | None,
+    warm_caches: Container[str],
+    keep: int,
+) -> Decision | None:
+    """The choice in the best tier that has one (``tiers``: falsy where a tier has no node),
+    listing ``keep`` candidates from it and later tiers; None when no tier has a candidate
+    or ``take`` could not tell."""
+    for tier in _TIERS:
+        if not tiers[tier]:
+            continue
+        accepted = take(tier, keep, True)
+        if accepted is None:
+            return None
+        pool = near_equals(accepted, policy)
+        if not pool:
+            continue
+        shown = accepted[: max(keep, len(pool))]
+        for later in _TIERS[tier + 1 :]:
+            if len(shown) >= keep:
+                break
+            if not tiers[later]:
+                continue
+            need = keep - len(shown)
+            more = take(later, need, False)
+            if more is None:
+                return None
+            shown += more[:need]
+        # Chosen last, so that a ``take`` that cannot tell leaves the RNG as it was.
+        chosen = _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+        assert chosen is not None  # the pool is not empty
+        return Decision(chosen.node, _TIER_REASON[chosen.tier], tuple(shown), ())
+    return None
+
+
+class PreparedTier(NamedTuple):
+    """One tier of a cell under one live state, before any revision check."""
+
+    #: The tier's nodes that take clients and are under capacity, best first: every one of
+    #: them scoring at most ``exact_to`` is here.
+    candidates: tuple[Candidate, ...]
+    #: Parallel to ``candidates``: whether the node may lack a file, so must be asked per file.
+    checked: tuple[bool, ...]
+    exact_to: float
+
+
+class Prepared(NamedTuple):
+    """What ``decide_ranked`` would walk in a cell if every node held every file."""
+
+    #: Indexed by ``Tier``; None where the cell has no node of the tier.
+    tiers: tuple[PreparedTier | None, ...]
+    #: The ids of every node whose status was read: a change to another cannot alter this.
+    looked_at: tuple[str, ...]
+
+
+def _holds_everything(node: NodeConfig) -> None:
+    return None
+
+
+def _takes_anything(node: NodeConfig) -> bool:
+    return True
+
+
+def prepare(
+    ranked: Ranked,
+    statuses: NodeStatuses,
+    policy: RoutingConfig,
+    deeper: Deeper,
+    may_lack: Callable[[NodeConfig], bool],
+    depth: int,
+) -> Prepared:
+    """The walks of ``decide_ranked`` for files every node holds, exact for each tier's best
+    ``depth`` candidates and its near-equal pool, for requests to take with
+    ``decide_prepared``: they then check revisions of the nodes listed, and only of those
+    ``may_lack`` names (a function of the node's config)."""
+    looked_at: list[NodeConfig] = []
+
+    def unfiltered(
+        tier: Tier, seen: int, admissible: Callable[[NodeConfig], bool]
+    ) -> Iterable[tuple[NodeConfig, float | None]]:
+        # Past the front of a tier, every node is looked at, admissible or not, so that
+        # ``looked_at`` names every node whose change could matter.
+        return deeper(tier, seen, _takes_anything)
+
+    tiers: list[PreparedTier | None] = []
+    for tier in _TIERS:
+        if not ranked.nodes[tier]:
+            tiers.append(None)
+            continue
+        accepted, exact_to = _walk(
+            ranked, tier, depth, True, statuses, policy, _holds_everything, unfiltered, [],
+            looked_at,
+        )  # fmt: skip
+        listed = tuple(c for c in accepted if c.score <= exact_to)
+        tiers.append(PreparedTier(listed, tuple(may_lack(c.node) for c in listed), exact_to))
+    return Prepared(tuple(tiers), tuple(node.id for node in looked_at))
+
+
+def _admit(
+    view: PreparedTier,
+    need: int,
+    pool: bool,
+    policy: RoutingConfig,
+    unavailable: Callable[[NodeConfig], str | None],
+) -> list[Candidate] | None:
+    """``_walk``'s answer from a prepared tier: its candidates that hold the file, exact for
+    the best ``need`` (and the near-equal pool when ``pool``); None when that needs nodes
+    past the ones the preparation lists."""
+    accepted: list[Candidate] = []
+    band = -math.inf
+    limit = math.inf
+    for candidate, checked in zip(view.candidates, view.checked, strict=True):
+        if candidate.score > limit:
+            return accepted
+        if checked and unavailable(candidate.node) is not None:
+            continue
+        accepted.append(candidate)
+        if pool and len(accepted) == 1:
+            best = candidate.score
+            band = best + max(policy.near_equal_km, best * policy.near_equal_ratio)
+        needed = accepted[need - 1].score if len(accepted) >= need else math.inf
+        limit = band if band > needed else needed
+    return accepted if limit <= view.exact_to else None
+
+
+def decide_prepared(
+    prepared: Prepared,
+    policy: RoutingConfig,
+    rng: random.Random,
+    *,
+    unavailable: Callable[[NodeConfig], str | None],
+    key: str = "",
+    recent: Mapping[str, int] | None = None,
+    warm_caches: Container[str] = frozenset(),
+    keep: int = 1,
+) -> Decision | None:
+    """``decide_ranked``'s decision, from a preparation under the same live state: None when
+    it cannot tell (no tier has a node that takes clients and holds the file, or too many of
+    the listed nodes lack it), for ``decide_ranked`` to take."""
+    views = prepared.tiers
+
+    def admit(tier: Tier, need: int, pool: bool) -> list[Candidate] | None:
+        view = views[tier]
+        assert view is not None  # _first_choice asks only of tiers that have nodes
+        return _admit(view, need, pool, policy, unavailable)
+
+    return _first_choice(
+        admit, views, policy, rng, key=key, recent=recent, warm_caches=warm_caches, keep=keep
+    )
 
 
 def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[Candidate]:

@@ -7,7 +7,7 @@ built once per config (start or reload) and is immutable afterwards.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol
@@ -20,11 +20,14 @@ from gateway.policy import (
     Cell,
     Decision,
     NodeIndex,
+    Prepared,
     Ranked,
     Tier,
     decide,
+    decide_prepared,
     decide_ranked,
     deepen,
+    prepare,
     rank_nodes,
     rank_rest,
 )
@@ -46,10 +49,17 @@ FIRST_FRONTS: tuple[int | None, ...] = (FRONT,) * len(Tier)
 #: rank the rest of the tier per request, measuring only the nodes they could admit: what a
 #: tier so deep is walked for is mostly nodes without the revision.
 MAX_FRONT = 256
+#: Candidates per tier a preparation lists beyond those a redirect names: how many of the
+#: best nodes may lack a file before a request walks the ranking itself.
+PREPARED_SLACK = 8
 
 
 class RevisionCheck(Protocol):
     """Which nodes hold the requested revision; asked per node, only of nodes that matter."""
+
+    def may_lack(self, node: NodeConfig) -> bool:
+        """Whether ``reason`` may name a reason for ``node`` for some file; from the node's
+        config alone, the same for every file."""
 
     def reason(self, node: NodeConfig) -> str | None:
         """Why ``node`` cannot serve the revision, or None if it can."""
@@ -64,6 +74,9 @@ class RevisionCheck(Protocol):
 class _EveryRevision:
     """No revision knowledge: every node holds everything (the explain CLI, tests)."""
 
+    def may_lack(self, node: NodeConfig) -> bool:
+        return False
+
     def reason(self, node: NodeConfig) -> str | None:
         return None
 
@@ -75,6 +88,17 @@ class _EveryRevision:
 
 
 ALL_REVISIONS: RevisionCheck = _EveryRevision()
+
+
+class ChangeLog(Protocol):
+    """Where a request's node statuses come from: which nodes changed since when."""
+
+    @property
+    def version(self) -> int:
+        """Bumped by every status change."""
+
+    def changed_since(self, version: int) -> Sequence[str] | None:
+        """The nodes changed after ``version``; None when that is no longer known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +125,13 @@ class Router:
         self.shared_cache_control = f"public, max-age={config.responses.max_age}"
         self._index = NodeIndex(config.nodes)
         self._ranked_by_cell: dict[Cell, Ranked] = {}
+        #: The chosen node and the duplicates a redirect names.
+        self._sources_named = config.responses.duplicate_links + 1
+        #: Per cell, the walks of the live state as of ``_prepared_version``; and per node,
+        #: the cells whose preparation read its status.
+        self._prepared: dict[Cell, Prepared] = {}
+        self._readers: dict[str, set[Cell]] = {}
+        self._prepared_version: int | None = None
 
     def locate(self, client: ClientAddress) -> tuple[Location, bool]:
         """The client's location, and whether it came from the CDN country header alone."""
@@ -156,6 +187,7 @@ class Router:
         recent: Mapping[str, int] | None = None,
         revisions: RevisionCheck = ALL_REVISIONS,
         *,
+        changes: ChangeLog | None = None,
         full: bool = False,
     ) -> Route:
         """Route one request for ``ref`` (pinned to upstream's commit when known).
@@ -163,7 +195,8 @@ class Router:
         ``recent`` counts redirects per node for cache balancing; ``revisions`` says which
         nodes can serve this revision, which serve another commit of it, which caches hold
         it. Requests walk only the nodes that can matter; ``full`` evaluates every node, with
-        every exclusion, as explain shows them.
+        every exclusion, as explain shows them. ``changes`` (the source of ``statuses``) lets
+        the walks of a cell be prepared once for as long as the nodes they read are unchanged.
         """
         location, from_cdn_only = self.locate(client)
         key = f"{ref.repo_type}/{ref.repo_id}/{ref.revision}/{ref.filename}"
@@ -180,12 +213,7 @@ class Router:
             )  # fmt: skip
         else:
             cell = self._index.cell(location)
-            decision = decide_ranked(
-                self._ranked(cell), statuses, routing, self._rng, unavailable=revisions.reason,
-                deeper=partial(self._rest_of_tier, cell),
-                key=key, recent=recent, warm_caches=revisions,
-                keep=self.config.responses.duplicate_links + 1,
-            )  # fmt: skip
+            decision = self._decide(cell, statuses, changes, revisions, key, recent)
         if decision.node is None:
             return Route(
                 client, location, decision, upstream_url(self.config.upstream.url, ref),
@@ -195,6 +223,74 @@ class Router:
         pinned = ref if revision == ref.revision else ref.with_revision(revision)
         url = node_url(decision.node, pinned)
         return Route(client, location, decision, url, revision, from_cdn_only)
+
+    def _decide(
+        self,
+        cell: Cell,
+        statuses: NodeStatuses,
+        changes: ChangeLog | None,
+        revisions: RevisionCheck,
+        key: str,
+        recent: Mapping[str, int] | None,
+    ) -> Decision:
+        routing = self.config.routing
+        if changes is not None:
+            prepared = self._prepared_for(cell, statuses, changes, revisions)
+            decision = decide_prepared(
+                prepared, routing, self._rng, unavailable=revisions.reason,
+                key=key, recent=recent, warm_caches=revisions, keep=self._sources_named,
+            )  # fmt: skip
+            if decision is not None:
+                return decision
+        return decide_ranked(
+            self._ranked(cell), statuses, routing, self._rng,
+            unavailable=revisions.reason, deeper=partial(self._rest_of_tier, cell),
+            key=key, recent=recent, warm_caches=revisions, keep=self._sources_named,
+        )  # fmt: skip
+
+    def _prepared_for(
+        self, cell: Cell, statuses: NodeStatuses, changes: ChangeLog, revisions: RevisionCheck
+    ) -> Prepared:
+        self._forget_changed(changes)
+        prepared = self._prepared.get(cell)
+        if prepared is None:
+            prepared = prepare(
+                self._ranked(cell), statuses, self.config.routing,
+                partial(self._rest_of_tier, cell), revisions.may_lack,
+                self._sources_named + PREPARED_SLACK,
+            )  # fmt: skip
+            if cell not in self._prepared and len(self._prepared) >= RANKED_CELLS:
+                self._forget(next(iter(self._prepared)))
+            self._prepared[cell] = prepared
+            for node_id in prepared.looked_at:
+                self._readers.setdefault(node_id, set()).add(cell)
+        return prepared
+
+    def _forget_changed(self, changes: ChangeLog) -> None:
+        """Drop the preparations that read a node changed since they were made."""
+        version, seen = changes.version, self._prepared_version
+        if version == seen:
+            return
+        changed = None if seen is None else changes.changed_since(seen)
+        self._prepared_version = version
+        if changed is None:
+            self._prepared.clear()
+            self._readers.clear()
+            return
+        for node_id in set(changed):
+            for cell in self._readers.pop(node_id, ()):
+                self._forget(cell)
+
+    def _forget(self, cell: Cell) -> None:
+        prepared = self._prepared.pop(cell, None)
+        if prepared is None:
+            return
+        for node_id in prepared.looked_at:
+            readers = self._readers.get(node_id)
+            if readers is not None:
+                readers.discard(cell)
+                if not readers:
+                    del self._readers[node_id]
 
 
 def _keep(cache: dict[Cell, Ranked], size: int, cell: Cell, ranked: Ranked) -> None:

@@ -703,6 +703,9 @@ class FileRevisions:
         #: Nodes found to serve another commit than the pinned one.
         self.other_commits: dict[str, str] = {}
 
+    def may_lack(self, node: NodeConfig) -> bool:
+        return node.kind == "cache" or node.manifest_url is not None
+
     def reason(self, node: NodeConfig) -> str | None:
         # Most visited nodes need no manifest lookup: a node without a manifest is trusted to hold
         # everything, and a cache whatever it has not been caught corrupting (``servable_commit``).

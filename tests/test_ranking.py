@@ -30,7 +30,7 @@ from gateway.policy import (
     rank_nodes,
 )
 from gateway.router import FRONT, MAX_FRONT, Router
-from gateway.state import NodeStatus
+from gateway.state import AdminRecord, LiveState, LoadRecord, NodeStatus, ProbeRecord
 
 # Few distinct places, so that equal distances (and the weight/id tie-break) are common.
 PLACES = [(39.9, 116.4), (31.2, 121.5), (35.7, 139.7), (50.1, 8.7), (-33.9, 151.2), (0.0, 0.0),
@@ -167,6 +167,9 @@ class Lacking:
     def __init__(self, lacking: set[str]) -> None:
         self.lacking = lacking
 
+    def may_lack(self, node: NodeConfig) -> bool:
+        return node.id in self.lacking
+
     def reason(self, node: NodeConfig) -> str | None:
         return "not synced" if node.id in self.lacking else None
 
@@ -274,3 +277,134 @@ def test_a_large_near_equal_pool_deepens_the_kept_ranking_up_to_a_cap() -> None:
         # Doubled from FRONT until the walk fits: all of a tier of 3 * FRONT, or the cap (past
         # which walks rank the rest per request).
         assert len(ranked.nodes[Tier.COUNTRY]) == deepest
+
+
+#: A status change: node index, probe verdict and latency, admin mode, load (of capacity).
+status_changes = st.tuples(
+    st.integers(0, 59),
+    st.booleans() | st.just(True),
+    st.one_of(st.none(), st.floats(0, 300)),
+    st.sampled_from(["active", "active", "draining", "disabled"]),
+    st.one_of(st.none(), st.floats(0, 1.5)),
+)
+
+
+def apply_change(live: LiveState, node: NodeConfig, change: tuple, at: float) -> None:
+    _, up, latency, mode, load = change
+    live.apply_probe(ProbeRecord(node.id, "here", up, "" if up else "timeout", latency, at, None))
+    live.apply_admin(AdminRecord(node.id, mode, at))
+    connections = None if load is None else load * 100
+    live.apply_load(LoadRecord(node.id, "status-json", connections, None, 100, None, at))
+
+
+@settings(max_examples=300)
+@given(
+    nodes=nodes,
+    client=clients,
+    changes=st.lists(status_changes, min_size=1, max_size=12),
+    missing=st.sets(st.integers(0, 59), min_size=20),
+    near_km=st.sampled_from([0.0, 100.0, 5000.0]),
+    max_tier=tiers,
+    slack=st.integers(0, 3),
+    seed=st.integers(0, 2**32),
+)
+def test_prepared_walks_follow_every_status_change(
+    nodes: list[NodeConfig],
+    client: Location,
+    changes: list[tuple],
+    missing: set[int],
+    near_km: float,
+    max_tier: str,
+    slack: int,
+    seed: int,
+) -> None:
+    """Requests take a cell's prepared walks while the nodes they read are unchanged, and must
+    still decide as the full evaluation after every change to any node, with little slack for
+    nodes lacking the file (so that requests also fall back to walking the ranking)."""
+    policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
+    config = GatewayConfig(routing=policy, nodes=tuple(nodes))
+    live = LiveState(nodes, vantage="here", probing=True)
+    revisions = Lacking({node.id for i, node in enumerate(nodes) if i in missing})
+    locator = FixedLocator({ip(1): client})
+    router = Router(config, locator, random.Random(seed))
+    reference = Router(config, locator, random.Random(seed))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gateway.router.FIRST_FRONTS", (2,) * len(Tier))
+        patch.setattr("gateway.router.MAX_FRONT", 8)
+        patch.setattr("gateway.router.PREPARED_SLACK", slack)
+        for step, change in enumerate(changes, start=1):
+            if nodes:
+                apply_change(live, nodes[change[0] % len(nodes)], change, float(step))
+            for _ in range(2):  # the second request takes what the first prepared
+                fast = router.route(
+                    REF, address(1), live.statuses, revisions=revisions, changes=live
+                ).decision
+                full = reference.route(
+                    REF, address(1), live.statuses, revisions=revisions, full=True
+                ).decision
+                assert (fast.node, fast.reason) == (full.node, full.reason)
+                assert fast.candidates == full.candidates[: len(fast.candidates)]
+                assert len(fast.candidates) >= min(4, len(full.candidates))
+
+
+def up(live: LiveState, node_id: str, latency_ms: float, at: float) -> None:
+    live.apply_probe(ProbeRecord(node_id, "here", True, "", latency_ms, at, at))
+
+
+def test_a_preparation_is_dropped_only_when_a_node_it_read_changes() -> None:
+    nodes = world(4 * FRONT)
+    live = LiveState(nodes, vantage="here", probing=True)
+    for node in nodes:
+        up(live, node.id, 10.0, 1.0)
+    router = Router(GatewayConfig(nodes=nodes), FixedLocator({ip(1): BEIJING}))
+
+    def prepared() -> object:
+        router.route(REF, address(1), live.statuses, changes=live)
+        (preparation,) = router._prepared.values()
+        return preparation
+
+    first = prepared()
+    read = set(first.looked_at)  # type: ignore[attr-defined]
+    unread = [node.id for node in nodes if node.id not in read]
+    assert read and unread, "the cell's walks read some of the nodes, not all"
+    up(live, unread[0], 20.0, 2.0)
+    assert prepared() is first
+    up(live, sorted(read)[0], 20.0, 3.0)
+    second = prepared()
+    assert second is not first
+    # Every node read by the kept preparation knows its cell, and no other node does.
+    assert set(router._readers) == set(second.looked_at)  # type: ignore[attr-defined]
+
+
+def test_evicted_preparations_leave_no_readers_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.router.RANKED_CELLS", 2)
+    places = {ip(n): Location("CN", "AS", 30.0 + n, 110.0 + n, None, None) for n in range(1, 6)}
+    nodes = world(10)
+    live = LiveState(nodes, vantage="here", probing=True)
+    router = Router(GatewayConfig(nodes=nodes), FixedLocator(places))
+    for n in places:
+        router.route(REF, ClientAddress(n, "peer"), live.statuses, changes=live)
+    assert len(router._prepared) == 2
+    readers = {cell for cells in router._readers.values() for cell in cells}
+    assert readers == set(router._prepared)
+
+
+def test_requests_walk_the_ranking_when_prepared_nodes_lack_the_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gateway.router.PREPARED_SLACK", 0)
+    client = replace(BEIJING, asn=None, asn_org=None)
+    nodes = world(20)
+    live = LiveState(nodes, vantage="here", probing=True)
+    for node in nodes:
+        up(live, node.id, 10.0, 1.0)
+    nearest = sorted(nodes, key=lambda node: distance_to(node, client) or 0.0)
+    # The preparation lists the 4 best (3 duplicates and the chosen node), of which 3 lack it.
+    revisions = Lacking({node.id for node in nearest[:3]})
+    router = Router(GatewayConfig(nodes=nodes), FixedLocator({ip(1): client}))
+    for _ in range(2):
+        decision = router.route(
+            REF, address(1), live.statuses, revisions=revisions, changes=live
+        ).decision
+        assert [c.node for c in decision.candidates] == nearest[3:7]
+        assert decision.reason == "same_country"
