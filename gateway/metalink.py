@@ -24,13 +24,15 @@ from typing import NamedTuple
 from aiohttp import web
 
 from gateway.catalog import FileMeta
+from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
 from gateway.hfpath import FileRef, resolve_path_for
 from gateway.memo import BoundedMemo
 from gateway.planner import Plan, revision_of
+from gateway.policy import Decision
 from gateway.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import Runtime
 from gateway.sync import Pieces
-from gateway.targets import node_url, upstream_url
+from gateway.targets import default_path, node_url, upstream_url
 
 METALINK_TYPE = "application/metalink4+xml"
 METALINK_SUFFIX = ".meta4"
@@ -168,11 +170,14 @@ def _node_sources(runtime: Runtime, plan: Plan) -> Iterator[Source]:
         commit = plan.node_revisions.get(node.id, plan.revision.commit)
         if _same_file(runtime, plan, commit):
             priority += 1
-            country = node.country.lower() if node.country else None
             pinned = at_commit.get(commit)
             if pinned is None:
                 pinned = at_commit[commit] = ref.with_revision(commit)
-            yield Source(node_url(node, pinned), priority, country, node.id)
+            yield Source(node_url(node, pinned), priority, _location(node), node.id)
+
+
+def _location(node: NodeConfig) -> str | None:
+    return node.country.lower() if node.country else None
 
 
 def _upstream_source(runtime: Runtime, plan: Plan) -> Source:
@@ -273,28 +278,79 @@ _described_links: BoundedMemo[tuple[str, str, str, str], str] = BoundedMemo(DESC
 
 
 def _described_by(pinned: FileRef) -> str:
-    # A path-absolute reference: the gateway's own origin, whatever name the client used.
     return _described_links.get_or_make(
-        pinned.fields,
-        lambda: (
-            f"<{resolve_path_for(pinned)}{METALINK_SUFFIX}>; rel=describedby; "
-            f'type="{METALINK_TYPE}"'
-        ),
+        pinned.fields, lambda: _describedby_link(resolve_path_for(pinned))
     )
+
+
+def _describedby_link(resolve_path: str) -> str:
+    # A path-absolute reference: the gateway's own origin, whatever name the client used.
+    return f'<{resolve_path}{METALINK_SUFFIX}>; rel=describedby; type="{METALINK_TYPE}"'
 
 
 def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
     """RFC 6249 links for a redirect: up to ``limit`` other sources (the last one upstream, the
     source every client can fall back on) and the Metalink, or None when there is nothing."""
     route, ref = plan.route, plan.ref
+    listing = _listing(runtime, plan, route.revision)
+    described = listing is not None and ref.filename + METALINK_SUFFIX not in listing
+    if not plan.node_revisions:
+        # Every source has the routed commit: the header is fixed text around the file's path.
+        decision = route.decision
+        key = (
+            tuple([c.node.id for c in decision.candidates]),
+            decision.node.id if decision.node else None,
+            limit,
+            described,
+        )
+        layouts = runtime.link_layouts
+        layout = layouts.get(key)
+        if layout is None:
+            layout = layouts.put(key, _layout(runtime, decision, limit, described))
+        if layout:
+            return default_path(ref.with_revision(route.revision)).join(layout) or None
+    return _links(runtime, plan, limit, described)
+
+
+def _links(runtime: Runtime, plan: Plan, limit: int, described: bool) -> str | None:
+    route, ref = plan.route, plan.ref
     links = []
     chosen = route.decision.node
     if chosen is not None and limit > 0:
         others = (s for s in _node_sources(runtime, plan) if s.node_id != chosen.id)
         for source in [*islice(others, limit - 1), _upstream_source(runtime, plan)]:
-            geo = f"; geo={source.location}" if source.location else ""
-            links.append(f"<{source.url}>; rel=duplicate; pri={source.priority}{geo}")
-    listing = _listing(runtime, plan, route.revision)
-    if listing is not None and ref.filename + METALINK_SUFFIX not in listing:
+            links.append(_duplicate(source.url, source.priority, source.location))
+    if described:
         links.append(_described_by(ref.with_revision(route.revision)))
     return ", ".join(links) or None
+
+
+def _duplicate(url: str, priority: int, location: str | None) -> str:
+    geo = f"; geo={location}" if location else ""
+    return f"<{url}>; rel=duplicate; pri={priority}{geo}"
+
+
+#: Stands for the file's path while a layout is built: no configured base URL holds it.
+_PATH_MARK = "\x00"
+
+
+def _layout(runtime: Runtime, decision: Decision, limit: int, described: bool) -> tuple[str, ...]:
+    """``_links`` as the text around each place the file's path goes, when every named node
+    has the routed commit; empty when a node's URL template puts something else there."""
+    candidates = decision.candidates
+    if any(c.node.url_template != DEFAULT_URL_TEMPLATE for c in candidates):
+        return ()
+    links = []
+    chosen = decision.node
+    if chosen is not None and limit > 0:
+        # Priorities as ``_node_sources`` numbers them: every candidate has the file.
+        others = [
+            (priority, c.node) for priority, c in enumerate(candidates, 1) if c.node.id != chosen.id
+        ]
+        for priority, node in others[: limit - 1]:
+            links.append(_duplicate(node.base_url + _PATH_MARK, priority, _location(node)))
+        upstream = runtime.router.config.upstream.url
+        links.append(_duplicate(upstream + _PATH_MARK, UPSTREAM_PRIORITY, None))
+    if described:
+        links.append(_describedby_link(_PATH_MARK))
+    return tuple(", ".join(links).split(_PATH_MARK))

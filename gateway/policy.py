@@ -104,7 +104,8 @@ class Decision:
     #: None sends the client upstream.
     node: NodeConfig | None
     reason: ChoiceReason
-    #: Accepted nodes, best first (``decide_ranked``: only those it visited).
+    #: Accepted nodes, best first (``decide_ranked``: only the best few, enough for the
+    #: sources a redirect names besides the chosen node).
     candidates: tuple[Candidate, ...]
     #: Every excluded node (``decide``); empty from ``decide_ranked``, as redirects never show
     #: them.
@@ -664,8 +665,8 @@ def decide_ranked(
     can join the pool. Visiting goes on only until ``keep`` candidates are known (the next-best
     sources a redirect names besides the chosen one). ``unavailable`` (revision checks) is
     asked only of visited nodes. A walk that gets past the front ``ranked`` holds of a tier
-    goes on with the nodes ``deeper`` gives. The decision lists the visited candidates and no
-    exclusions: explain uses ``decide``.
+    goes on with the nodes ``deeper`` gives. The decision lists the best ``keep`` candidates
+    (the chosen node may not be among them) and no exclusions: explain uses ``decide``.
     """
     reserve: list[Candidate] = []
 
@@ -717,7 +718,7 @@ def _first_choice(
         pool = near_equals(accepted, policy)
         if not pool:
             continue
-        shown = accepted[: max(keep, len(pool))]
+        shown = accepted[:keep]
         for later in _TIERS[tier + 1 :]:
             if len(shown) >= keep:
                 break

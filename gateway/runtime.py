@@ -8,12 +8,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.catalog import Catalog
+from gateway.memo import BoundedMemo
 from gateway.metrics import GatewayMetrics, GatewaySample, NodeSample
 from gateway.probe import Prober
 from gateway.router import Router
 from gateway.store import StateStore
 from gateway.sync import SyncTracker
 from gateway.upstream import UpstreamProxy
+
+#: Redirect ``Link`` header layouts remembered (``metalink.link_header``), per config.
+LINK_LAYOUTS = 4096
+LinkLayouts = BoundedMemo[tuple[object, ...], tuple[str, ...]]
 
 
 class Runtime:
@@ -33,6 +38,8 @@ class Runtime:
         metrics_dir: str | None = None,
     ) -> None:
         self.router = router
+        #: Derived from the router's config, so replaced with it.
+        self.link_layouts = LinkLayouts(LINK_LAYOUTS)
         self.store = store
         self.prober = prober
         self.catalog = catalog
@@ -47,6 +54,7 @@ class Runtime:
 
     def adopt(self, router: Router) -> None:
         self.router = router
+        self.link_layouts = LinkLayouts(LINK_LAYOUTS)
         self.store.reconfigure(router.config.nodes)
         if self.prober is not None:
             self.prober.reconfigure(router.config.nodes, router.config.probing)

@@ -17,14 +17,16 @@ ENCODED_PATHS = 65_536
 _default_paths: BoundedMemo[tuple[str, str, str, str], str] = BoundedMemo(ENCODED_PATHS)
 
 
-def _default_path(ref: FileRef) -> str:
-    # The default template is the base followed by the canonical resolve path.
-    return _default_paths.get_or_make(ref.fields, lambda: resolve_path_for(ref))
+def default_path(ref: FileRef) -> str:
+    """What follows the base in the default template: the file's canonical resolve path."""
+    key = ref.fields
+    path = _default_paths.get(key)
+    return _default_paths.put(key, resolve_path_for(ref)) if path is None else path
 
 
 def fill_template(template: str, base: str, ref: FileRef) -> str:
     if template == DEFAULT_URL_TEMPLATE:
-        return f"{base}{_default_path(ref)}"
+        return f"{base}{default_path(ref)}"
     return template.format(
         base=base,
         type_prefix=ref.type_prefix,

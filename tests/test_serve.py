@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 from fake_hub import FakeHub
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from processes import REPO, GatewayProcess, http, request
+from processes import REPO, GatewayProcess, http, request, wait_until
 
 EXAMPLE_CONFIG = REPO / "config" / "gateway.yaml"
 # In the bundled GeoLite2 City build: Beijing (China Unicom) and a US address.
@@ -65,6 +66,9 @@ def test_startup_warns_that_bundled_geoip_data_is_stale(example_gateway: Gateway
     assert "geoip.city_db" in example_gateway.log.read_text()
 
 
+LINK_URL = re.compile(r"<([^>]*)>")
+
+
 def test_sighup_reload_applies_good_config_and_refuses_bad(
     tmp_path: Path, fake_hub: FakeHub
 ) -> None:
@@ -85,6 +89,22 @@ def test_sighup_reload_applies_good_config_and_refuses_bad(
         gateway.signal(signal.SIGHUP)
         gateway.wait_for_log("config reloaded: 2 nodes")
         assert http(gateway.port, beijing)[1]["x-mirror-node"] == "cn-shanghai"
+
+        # Answers worked out under the old config (Location, Link) must not outlive it.
+        moved = {n["id"]: n["url"].replace("https://", "https://moved-") for n in config["nodes"]}
+        for node in config["nodes"]:
+            node["url"] = moved[node["id"]]
+        config_file.write_text(yaml.safe_dump(config))
+        gateway.signal(signal.SIGHUP)
+        wait_until(
+            lambda: gateway.log.read_text().count("config reloaded: 2 nodes") == 2, 10, "reload"
+        )
+        headers = http(gateway.port, beijing)[1]
+        assert headers["location"].startswith(moved["cn-shanghai"] + "/")
+        duplicates = [url for url in LINK_URL.findall(headers["link"]) if "://" in url]
+        assert duplicates and all(
+            url.startswith((*moved.values(), fake_hub.url)) for url in duplicates
+        ), headers["link"]
     finally:
         assert gateway.stop() == 0
 
