@@ -772,10 +772,14 @@ def prepare(
     may_lack: Callable[[NodeConfig], bool],
     depth: int,
 ) -> Prepared:
-    """The walks of ``decide_ranked`` for files every node holds, exact for each tier's best
-    ``depth`` candidates and its near-equal pool, for requests to take with
+    """The walks of ``decide_ranked`` for files every node holds, for requests to take with
     ``decide_prepared``: they then check revisions of the nodes listed, and only of those
-    ``may_lack`` names (a function of the node's config)."""
+    ``may_lack`` names (a function of the node's config).
+
+    Each tier is exact for its best ``depth`` candidates, and for its near-equal pool up to
+    the first tier with a candidate that holds every file: requests choose there or before.
+    Tiers after enough such candidates are not walked at all.
+    """
     looked_at: list[NodeConfig] = []
 
     def unfiltered(
@@ -786,17 +790,28 @@ def prepare(
         return deeper(tier, seen, _takes_anything)
 
     tiers: list[PreparedTier | None] = []
+    #: Candidates in the tiers so far that hold every file.
+    sure = 0
     for tier in _TIERS:
         if not ranked.nodes[tier]:
             tiers.append(None)
             continue
+        if sure >= depth:
+            tiers.append(_UNWALKED)
+            continue
         accepted, exact_to = _walk(
-            ranked, tier, depth, True, statuses, policy, _holds_everything, unfiltered, [],
+            ranked, tier, depth, sure == 0, statuses, policy, _holds_everything, unfiltered, [],
             looked_at,
         )  # fmt: skip
         listed = tuple(c for c in accepted if c.score <= exact_to)
-        tiers.append(PreparedTier(listed, tuple(may_lack(c.node) for c in listed), exact_to))
+        checked = tuple(may_lack(c.node) for c in listed)
+        sure += checked.count(False)
+        tiers.append(PreparedTier(listed, checked, exact_to))
     return Prepared(tuple(tiers), tuple(node.id for node in looked_at))
+
+
+#: A tier no request should need (so exact for nothing): one that does falls back to its walk.
+_UNWALKED = PreparedTier((), (), -math.inf)
 
 
 def _admit(

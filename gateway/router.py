@@ -52,6 +52,9 @@ MAX_FRONT = 256
 #: Candidates per tier a preparation lists beyond those a redirect names: how many of the
 #: best nodes may lack a file before a request walks the ranking itself.
 PREPARED_SLACK = 8
+#: Changed nodes past which every preparation is dropped at once, rather than each one found
+#: through the nodes it read (after a resync or a redirect window, most of them changed).
+FORGET_ALL_AT = 256
 
 
 class RevisionCheck(Protocol):
@@ -273,11 +276,12 @@ class Router:
             return
         changed = None if seen is None else changes.changed_since(seen)
         self._prepared_version = version
-        if changed is None:
+        nodes = set(changed) if changed is not None else None
+        if nodes is None or len(nodes) > FORGET_ALL_AT:
             self._prepared.clear()
             self._readers.clear()
             return
-        for node_id in set(changed):
+        for node_id in nodes:
             for cell in self._readers.pop(node_id, ()):
                 self._forget(cell)
 

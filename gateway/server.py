@@ -23,6 +23,7 @@ from aiohttp.web_server import Server
 from gateway.answers import json_error
 from gateway.app import create_app
 from gateway.catalog import Catalog
+from gateway.collection import freeze_survivors
 from gateway.config import ConfigError, GatewayConfig
 from gateway.geo import GeoDataError, MaxMindLocator
 from gateway.http import metrics_endpoint
@@ -225,6 +226,7 @@ async def serve(
         **handler_limits(config),
     )
     await runner.setup()
+    thaw = freeze_survivors(asyncio.get_running_loop())
     site = web.TCPSite(runner, host, port, reuse_port=shared_port)
     await site.start()
     log.info("serving on %s:%d with %d nodes", host, port, len(config.nodes))
@@ -242,4 +244,5 @@ async def serve(
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
+        thaw()
         app[RUNTIME].router.locator.close()

@@ -306,6 +306,7 @@ def apply_change(live: LiveState, node: NodeConfig, change: tuple, at: float) ->
     near_km=st.sampled_from([0.0, 100.0, 5000.0]),
     max_tier=tiers,
     slack=st.integers(0, 3),
+    forget_all_at=st.sampled_from([0, 256]),
     seed=st.integers(0, 2**32),
 )
 def test_prepared_walks_follow_every_status_change(
@@ -316,6 +317,7 @@ def test_prepared_walks_follow_every_status_change(
     near_km: float,
     max_tier: str,
     slack: int,
+    forget_all_at: int,
     seed: int,
 ) -> None:
     """Requests take a cell's prepared walks while the nodes they read are unchanged, and must
@@ -332,6 +334,7 @@ def test_prepared_walks_follow_every_status_change(
         patch.setattr("gateway.router.FIRST_FRONTS", (2,) * len(Tier))
         patch.setattr("gateway.router.MAX_FRONT", 8)
         patch.setattr("gateway.router.PREPARED_SLACK", slack)
+        patch.setattr("gateway.router.FORGET_ALL_AT", forget_all_at)
         for step, change in enumerate(changes, start=1):
             if nodes:
                 apply_change(live, nodes[change[0] % len(nodes)], change, float(step))
