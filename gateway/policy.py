@@ -745,6 +745,9 @@ class PreparedTier(NamedTuple):
     #: Parallel to ``candidates``: whether the node may lack a file, so must be asked per file.
     checked: tuple[bool, ...]
     exact_to: float
+    #: With no node to check, what ``_admit`` answers is the same for every file: its answers
+    #: by (need, pool), filled as asked (never mutated by readers). None if a node is checked.
+    settled: dict[tuple[int, bool], list[Candidate] | None] | None
 
 
 class Prepared(NamedTuple):
@@ -806,12 +809,12 @@ def prepare(
         listed = tuple(c for c in accepted if c.score <= exact_to)
         checked = tuple(may_lack(c.node) for c in listed)
         sure += checked.count(False)
-        tiers.append(PreparedTier(listed, checked, exact_to))
+        tiers.append(PreparedTier(listed, checked, exact_to, None if any(checked) else {}))
     return Prepared(tuple(tiers), tuple(node.id for node in looked_at))
 
 
 #: A tier no request should need (so exact for nothing): one that does falls back to its walk.
-_UNWALKED = PreparedTier((), (), -math.inf)
+_UNWALKED = PreparedTier((), (), -math.inf, None)
 
 
 def _admit(
@@ -860,7 +863,13 @@ def decide_prepared(
     def admit(tier: Tier, need: int, pool: bool) -> list[Candidate] | None:
         view = views[tier]
         assert view is not None  # _first_choice asks only of tiers that have nodes
-        return _admit(view, need, pool, policy, unavailable)
+        settled = view.settled
+        if settled is None:
+            return _admit(view, need, pool, policy, unavailable)
+        key = (need, pool)
+        if key not in settled:
+            settled[key] = _admit(view, need, pool, policy, _holds_everything)
+        return settled[key]
 
     return _first_choice(
         admit, views, policy, rng, key=key, recent=recent, warm_caches=warm_caches, keep=keep

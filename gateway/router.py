@@ -60,9 +60,13 @@ FORGET_ALL_AT = 256
 class RevisionCheck(Protocol):
     """Which nodes hold the requested revision; asked per node, only of nodes that matter."""
 
+    @property
+    def may_lack_version(self) -> int:
+        """Changes whenever ``may_lack`` may answer differently."""
+
     def may_lack(self, node: NodeConfig) -> bool:
-        """Whether ``reason`` may name a reason for ``node`` for some file; from the node's
-        config alone, the same for every file."""
+        """Whether ``reason`` may name a reason for ``node`` for some file: the same for every
+        file, as long as ``may_lack_version`` stays the same."""
 
     def reason(self, node: NodeConfig) -> str | None:
         """Why ``node`` cannot serve the revision, or None if it can."""
@@ -76,6 +80,8 @@ class RevisionCheck(Protocol):
 
 class _EveryRevision:
     """No revision knowledge: every node holds everything (the explain CLI, tests)."""
+
+    may_lack_version = 0
 
     def may_lack(self, node: NodeConfig) -> bool:
         return False
@@ -135,6 +141,7 @@ class Router:
         self._prepared: dict[Cell, Prepared] = {}
         self._readers: dict[str, set[Cell]] = {}
         self._prepared_version: int | None = None
+        self._prepared_may_lack: int | None = None
 
     def locate(self, client: ClientAddress) -> tuple[Location, bool]:
         """The client's location, and whether it came from the CDN country header alone."""
@@ -255,6 +262,11 @@ class Router:
         self, cell: Cell, statuses: NodeStatuses, changes: ChangeLog, revisions: RevisionCheck
     ) -> Prepared:
         self._forget_changed(changes)
+        if revisions.may_lack_version != self._prepared_may_lack:
+            # Which nodes are checked per file is part of every preparation.
+            self._prepared_may_lack = revisions.may_lack_version
+            self._prepared.clear()
+            self._readers.clear()
         prepared = self._prepared.get(cell)
         if prepared is None:
             prepared = prepare(

@@ -703,16 +703,19 @@ class FileRevisions:
         #: Nodes found to serve another commit than the pinned one.
         self.other_commits: dict[str, str] = {}
 
-    def may_lack(self, node: NodeConfig) -> bool:
-        return node.kind == "cache" or node.manifest_url is not None
+    @property
+    def may_lack_version(self) -> int:
+        return self._tracker.version
 
-    def reason(self, node: NodeConfig) -> str | None:
-        # Most visited nodes need no manifest lookup: a node without a manifest is trusted to hold
+    def may_lack(self, node: NodeConfig) -> bool:
+        # Most nodes need no manifest lookup: a node without a manifest is trusted to hold
         # everything, and a cache whatever it has not been caught corrupting (``servable_commit``).
         if node.kind == "cache":
-            if not self._tracker.failed_for(node.id):
-                return None
-        elif node.manifest_url is None:
+            return bool(self._tracker.failed_for(node.id))
+        return node.manifest_url is not None
+
+    def reason(self, node: NodeConfig) -> str | None:
+        if not self.may_lack(node):
             return None
         pinned = self._pinned
         servable = self._tracker.servable(
@@ -746,7 +749,8 @@ class SyncTracker:
     """Reads every node's manifest and verifies samples of it, round by round.
 
     ``holdings`` and ``failed`` are read on the request path (through ``servable``) and replaced
-    one node at a time by the rounds; ``version`` is bumped whenever either changes.
+    one node at a time by the rounds; ``version`` is bumped whenever a node's failures are
+    published or the node set changes.
 
     A commit fails verification with the file that failed; it is cleared when that same file
     verifies again (a good check of another file says nothing about the broken one). Failed

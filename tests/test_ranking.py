@@ -164,6 +164,8 @@ def test_walks_past_a_tiny_front_decide_as_the_full_evaluation(
 class Lacking:
     """A revision check: the nodes named lack the revision."""
 
+    may_lack_version = 0
+
     def __init__(self, lacking: set[str]) -> None:
         self.lacking = lacking
 
@@ -411,3 +413,26 @@ def test_requests_walk_the_ranking_when_prepared_nodes_lack_the_file(
         ).decision
         assert [c.node for c in decision.candidates] == nearest[3:7]
         assert decision.reason == "same_country"
+
+
+def test_preparations_follow_what_may_be_lacking() -> None:
+    """A node that starts to lack files (say, a cache caught corrupting one) is checked from
+    the next request on, though the preparation was made when it could lack nothing."""
+    client = replace(BEIJING, asn=None, asn_org=None)
+    nodes = world(6)
+    live = LiveState(nodes, vantage="here", probing=True)
+    for node in nodes:
+        up(live, node.id, 10.0, 1.0)
+    router = Router(
+        GatewayConfig(nodes=nodes, routing=RoutingConfig(near_equal_km=0)),
+        FixedLocator({ip(1): client}),
+    )
+    revisions = Lacking(set())
+    first = router.route(REF, address(1), live.statuses, revisions=revisions, changes=live)
+    assert first.decision.node is not None
+    revisions.lacking = {first.decision.node.id}
+    revisions.may_lack_version = 1
+    for _ in range(20):
+        later = router.route(REF, address(1), live.statuses, revisions=revisions, changes=live)
+        assert later.decision.node is not None
+        assert first.decision.node.id not in [c.node.id for c in later.decision.candidates]
