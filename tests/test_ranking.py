@@ -21,6 +21,7 @@ from gateway.config import GatewayConfig, NodeConfig, RoutingConfig, ServiceArea
 from gateway.geo import DatabaseInfo, IPAddress, Location
 from gateway.hfpath import FileRef
 from gateway.policy import (
+    Decision,
     NodeIndex,
     Ranked,
     Tier,
@@ -118,6 +119,25 @@ live = st.builds(
 )
 
 
+def twin_routers(
+    nodes: list[NodeConfig], client: Location, near_km: float, max_tier: str, seed: int
+) -> tuple[Router, Router]:
+    """Two routers of one config with the same RNG seed: one for requests, one for reference."""
+    policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
+    config = GatewayConfig(routing=policy, nodes=tuple(nodes))
+    locator = FixedLocator({ip(1): client})
+    requests, reference = (Router(config, locator, random.Random(seed)) for _ in range(2))
+    return requests, reference
+
+
+def assert_decides_as_full(fast: Decision, full: Decision) -> None:
+    """The request path's decision is the full evaluation's, naming the same best candidates
+    (at least as many as a redirect names)."""
+    assert (fast.node, fast.reason) == (full.node, full.reason)
+    assert fast.candidates == full.candidates[: len(fast.candidates)]
+    assert len(fast.candidates) >= min(4, len(full.candidates))
+
+
 @settings(max_examples=300)
 @given(
     nodes=nodes,
@@ -140,22 +160,16 @@ def test_walks_past_a_tiny_front_decide_as_the_full_evaluation(
     """Most nodes down or without the revision: walks run past fronts of 2 nodes. The
     router's deepening of its kept rankings, and past a cap of 8 its per-request ranking of
     the admissible rest, must not change a decision."""
-    policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
-    config = GatewayConfig(routing=policy, nodes=tuple(nodes))
     statuses = {node.id: states[i] for i, node in enumerate(nodes)}
     revisions = Lacking({node.id for i, node in enumerate(nodes) if i in missing})
-    locator = FixedLocator({ip(1): client})
-    router = Router(config, locator, random.Random(seed))
-    reference = Router(config, locator, random.Random(seed))
+    router, reference = twin_routers(nodes, client, near_km, max_tier, seed)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("gateway.router.FIRST_FRONTS", (2,) * len(Tier))
         patch.setattr("gateway.router.MAX_FRONT", 8)
         for _ in range(2):  # first with the fronts, then with the rankings the first deepened
             fast = router.route(REF, address(1), statuses, revisions=revisions).decision
             full = reference.route(REF, address(1), statuses, revisions=revisions, full=True)
-            assert (fast.node, fast.reason) == (full.decision.node, full.decision.reason)
-            assert fast.candidates == full.decision.candidates[: len(fast.candidates)]
-            assert len(fast.candidates) >= min(4, len(full.decision.candidates))
+            assert_decides_as_full(fast, full.decision)
     assert all(
         len(tier) <= 8 for ranked in router._ranked_by_cell.values() for tier in ranked.nodes
     )
@@ -325,13 +339,9 @@ def test_prepared_walks_follow_every_status_change(
     """Requests take a cell's prepared walks while the nodes they read are unchanged, and must
     still decide as the full evaluation after every change to any node, with little slack for
     nodes lacking the file (so that requests also fall back to walking the ranking)."""
-    policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
-    config = GatewayConfig(routing=policy, nodes=tuple(nodes))
     live = LiveState(nodes, vantage="here", probing=True)
     revisions = Lacking({node.id for i, node in enumerate(nodes) if i in missing})
-    locator = FixedLocator({ip(1): client})
-    router = Router(config, locator, random.Random(seed))
-    reference = Router(config, locator, random.Random(seed))
+    router, reference = twin_routers(nodes, client, near_km, max_tier, seed)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("gateway.router.FIRST_FRONTS", (2,) * len(Tier))
         patch.setattr("gateway.router.MAX_FRONT", 8)
@@ -347,9 +357,7 @@ def test_prepared_walks_follow_every_status_change(
                 full = reference.route(
                     REF, address(1), live.statuses, revisions=revisions, full=True
                 ).decision
-                assert (fast.node, fast.reason) == (full.node, full.reason)
-                assert fast.candidates == full.candidates[: len(fast.candidates)]
-                assert len(fast.candidates) >= min(4, len(full.candidates))
+                assert_decides_as_full(fast, full)
 
 
 def up(live: LiveState, node_id: str, latency_ms: float, at: float) -> None:
