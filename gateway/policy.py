@@ -10,7 +10,9 @@ hitting one cache while no cache takes more than its bounded share. A node at ca
 in reserve and used only when no other node can serve. No node at all means upstream.
 
 Requests take the same decision with ``decide_ranked``, from a ``Ranked`` per routing ``Cell``
-(``rank_nodes`` over a ``NodeIndex`` built once per config) of which they walk only the front.
+(``rank_nodes`` over a ``NodeIndex`` built once per config) of which they walk only the front;
+or, while the nodes it read are unchanged, with ``decide_prepared`` from that walk ``prepare``d
+once under the live state, checking only which listed nodes hold the file.
 """
 
 from __future__ import annotations
@@ -777,7 +779,7 @@ def prepare(
 ) -> Prepared:
     """The walks of ``decide_ranked`` for files every node holds, for requests to take with
     ``decide_prepared``: they then check revisions of the nodes listed, and only of those
-    ``may_lack`` names (a function of the node's config).
+    ``may_lack`` names (the same for every file).
 
     Each tier is exact for its best ``depth`` candidates, and for its near-equal pool up to
     the first tier with a candidate that holds every file: requests choose there or before.
@@ -793,7 +795,7 @@ def prepare(
         return deeper(tier, seen, _takes_anything)
 
     tiers: list[PreparedTier | None] = []
-    #: Candidates in the tiers so far that hold every file.
+    # Candidates in the tiers so far that hold every file.
     sure = 0
     for tier in _TIERS:
         if not ranked.nodes[tier]:
