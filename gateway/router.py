@@ -265,8 +265,7 @@ class Router:
         if revisions.may_lack_version != self._prepared_may_lack:
             # Which nodes are checked per file is part of every preparation.
             self._prepared_may_lack = revisions.may_lack_version
-            self._prepared.clear()
-            self._readers.clear()
+            self._forget_all()
         prepared = self._prepared.get(cell)
         if prepared is None:
             prepared = prepare(
@@ -274,7 +273,7 @@ class Router:
                 partial(self._rest_of_tier, cell), revisions.may_lack,
                 self._sources_named + PREPARED_SLACK,
             )  # fmt: skip
-            if cell not in self._prepared and len(self._prepared) >= RANKED_CELLS:
+            if len(self._prepared) >= RANKED_CELLS:
                 self._forget(next(iter(self._prepared)))
             self._prepared[cell] = prepared
             for node_id in prepared.looked_at:
@@ -290,12 +289,15 @@ class Router:
         self._prepared_version = version
         nodes = set(changed) if changed is not None else None
         if nodes is None or len(nodes) > FORGET_ALL_AT:
-            self._prepared.clear()
-            self._readers.clear()
+            self._forget_all()
             return
         for node_id in nodes:
             for cell in self._readers.pop(node_id, ()):
                 self._forget(cell)
+
+    def _forget_all(self) -> None:
+        self._prepared.clear()
+        self._readers.clear()
 
     def _forget(self, cell: Cell) -> None:
         prepared = self._prepared.pop(cell, None)
