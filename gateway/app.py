@@ -10,7 +10,6 @@ from aiohttp import web
 
 from gateway.admin import add_admin_routes
 from gateway.http import (
-    add_request_id,
     healthz,
     metrics_endpoint,
     observe,
@@ -48,7 +47,6 @@ def create_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[observe])
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(_run_background)
-    app.on_response_prepare.append(add_request_id)
     metrics = runtime.router.config.metrics
     if metrics.enabled and metrics.port is None:
         app.router.add_route("*", "/metrics", read_only(metrics_endpoint))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from gateway.config import ClientIPConfig, ForwardedHeader, IPNetwork
 from gateway.memo import BoundedMemo
@@ -135,9 +135,9 @@ _CHAIN_READERS: Mapping[ForwardedHeader, tuple[ClientIPSource, _EntryParser]] = 
 }
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardingHeaders:
-    """The request headers the resolver may read, as the HTTP layer found them."""
+class ForwardingHeaders(NamedTuple):
+    """The request headers the resolver may read, as the HTTP layer found them (a tuple,
+    hashed in C as part of the memo key)."""
 
     #: Every value of the configured forwarding header, in arrival order (a header may repeat).
     forwarded: tuple[str, ...] = ()
@@ -156,8 +156,8 @@ class ClientAddress:
     cdn_country: str | None = None
 
 
-#: Peer, forwarding header values, CDN client IP, CDN country.
-_MemoKey = tuple[str | None, tuple[str, ...], str | None, str | None]
+#: The peer and the headers it sent.
+_MemoKey = tuple[str | None, ForwardingHeaders]
 
 
 class ClientIPResolver:
@@ -207,8 +207,7 @@ class ClientIPResolver:
         The answer is a pure function of its inputs, and a client downloading a repository sends
         the same ones for every file, so the request path parses each chain once.
         """
-        # A tuple of plain values hashes and compares in C; the dataclass's methods are Python.
-        key = (peer, headers.forwarded, headers.cdn_client_ip, headers.cdn_country)
+        key = (peer, headers)
         known = self._memo.get(key)
         if known is not None:
             return known

@@ -7,8 +7,7 @@ as received (query string already removed). Pure and allocation-light: it runs o
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
 from gateway.memo import BoundedMemo
@@ -61,9 +60,12 @@ class PathError(Exception):
         return self.message
 
 
-@dataclass(frozen=True, slots=True)
-class FileRef:
-    """One file of one repository at one revision; all fields are decoded text."""
+class FileRef(NamedTuple):
+    """One file of one repository at one revision; all fields are decoded text.
+
+    A NamedTuple: one is built per request, and a frozen dataclass costs several times
+    more to build (and to hash as a dict key).
+    """
 
     repo_type: RepoType
     repo_id: str
@@ -82,12 +84,6 @@ class FileRef:
     @property
     def filename_encoded(self) -> str:
         return quote(self.filename, safe="/")
-
-    @property
-    def fields(self) -> tuple[str, str, str, str]:
-        """The fields as a plain tuple: a dict key hashed and compared in C, unlike the
-        dataclass's own methods."""
-        return (self.repo_type, self.repo_id, self.revision, self.filename)
 
     def with_revision(self, revision: str) -> FileRef:
         """The same file at ``revision``, validated like a parsed one (raises PathError)."""

@@ -126,6 +126,7 @@ async def _to_upstream(
             target,
             public_origin=_public_origin(request, runtime.router.config.server),
             rewrite=rewrite,
+            streamed_headers={"X-Request-ID": request[REQUEST_ID]},
         )
     except UpstreamError as exc:
         runtime.metrics.upstream_call(kind, time.perf_counter() - started, None)
@@ -296,6 +297,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("unhandled error for request %s", request[REQUEST_ID])
         response = json_error(500, "internal_error", "internal error; see the gateway log")
     seconds = time.perf_counter() - started
+    if not response.prepared:
+        # Streamed answers carry it already (``_to_upstream``): their headers are sent.
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
     runtime = request.app[RUNTIME]
     runtime.metrics.request_done(
         route_label(request.path), request.method, response.status, seconds
@@ -312,10 +316,3 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         fields.update(request.get(ACCESS_FIELDS, {}))
         log_access(fields)
     return response
-
-
-async def add_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """Before headers go out (streamed answers included): echo the request id."""
-    rid = request.get(REQUEST_ID)
-    if rid is not None:
-        response.headers["X-Request-ID"] = rid

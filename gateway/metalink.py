@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
 from itertools import islice
 from typing import NamedTuple
 
@@ -123,7 +122,7 @@ async def metalink_target(
     """
     if ref.filename.endswith(METALINK_SUFFIX):
         revision = await revision_of(runtime, ref)
-        described = replace(ref, filename=ref.filename.removesuffix(METALINK_SUFFIX))
+        described = ref._replace(filename=ref.filename.removesuffix(METALINK_SUFFIX))
         # Private and gated files are upstream's alone (and their listing is not ours to read);
         # a repository's own ``.meta4`` file is served like any other file.
         if (
@@ -274,13 +273,11 @@ def metalink_response(runtime: Runtime, plan: Plan) -> web.Response:
 
 #: Pinned files whose ``rel=describedby`` link is remembered (it is the same for every client).
 DESCRIBED_LINKS = 65_536
-_described_links: BoundedMemo[tuple[str, str, str, str], str] = BoundedMemo(DESCRIBED_LINKS)
+_described_links: BoundedMemo[FileRef, str] = BoundedMemo(DESCRIBED_LINKS)
 
 
 def _described_by(pinned: FileRef) -> str:
-    return _described_links.get_or_make(
-        pinned.fields, lambda: _describedby_link(resolve_path_for(pinned))
-    )
+    return _described_links.get_or_make(pinned, lambda: _describedby_link(resolve_path_for(pinned)))
 
 
 def _describedby_link(resolve_path: str) -> str:

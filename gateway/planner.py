@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.catalog import FileMeta, RepoRevision, entry_for
 from gateway.clientip import ClientAddress
@@ -21,8 +21,7 @@ class UpstreamOnly(Exception):
     """Private or gated: only upstream, with the client's token, may serve the file."""
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     #: The file as requested (a ref or a commit).
     ref: FileRef
     #: What upstream says the requested revision is.

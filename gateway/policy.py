@@ -101,8 +101,9 @@ class Filtered:
     excluded: list[Exclusion]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """A NamedTuple, as one is built per request (a frozen dataclass costs more)."""
+
     #: None sends the client upstream.
     node: NodeConfig | None
     reason: ChoiceReason
@@ -678,12 +679,9 @@ def decide_ranked(
         )
         return accepted
 
-    decision = _first_choice(
-        walk, ranked.nodes, policy, rng, key=key, recent=recent, warm_caches=warm_caches,
-        keep=keep,
-    )  # fmt: skip
-    if decision is not None:
-        return decision
+    found = _first_pool(walk, ranked.nodes, policy, keep)
+    if found is not None:
+        return _choose_first(found, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
     # No tier had an eligible node, so every node was visited: the reserve is complete.
     reserve.sort(key=_by_preference)
     last_resort = choose(reserve, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
@@ -697,20 +695,16 @@ def decide_ranked(
 _Take = Callable[[Tier, int, bool], list[Candidate] | None]
 
 
-def _first_choice(
-    take: _Take,
-    tiers: Sequence[object],
-    policy: RoutingConfig,
-    rng: random.Random,
-    *,
-    key: str,
-    recent: Mapping[str, int] | None,
-    warm_caches: Container[str],
-    keep: int,
-) -> Decision | None:
-    """The choice in the best tier that has one (``tiers``: falsy where a tier has no node),
-    listing ``keep`` candidates from it and later tiers; None when no tier has a candidate
-    or ``take`` could not tell."""
+#: The near-equal pool of the best tier that has a candidate, and the candidates a decision
+#: lists (``keep`` of them, from that tier and later ones).
+FirstPool = tuple[list[Candidate], tuple[Candidate, ...]]
+
+
+def _first_pool(
+    take: _Take, tiers: Sequence[object], policy: RoutingConfig, keep: int
+) -> FirstPool | None:
+    """The pool to choose in (``tiers``: falsy where a tier has no node); None when no tier
+    has a candidate or ``take`` could not tell."""
     for tier in _TIERS:
         if not tiers[tier]:
             continue
@@ -731,11 +725,23 @@ def _first_choice(
             if more is None:
                 return None
             shown += more[:need]
-        # Chosen last, so that a ``take`` that cannot tell leaves the RNG as it was.
-        chosen = _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
-        assert chosen is not None  # the pool is not empty
-        return Decision(chosen.node, _TIER_REASON[chosen.tier], tuple(shown), ())
+        return pool, tuple(shown)
     return None
+
+
+def _choose_first(
+    found: FirstPool,
+    policy: RoutingConfig,
+    rng: random.Random,
+    *,
+    key: str,
+    recent: Mapping[str, int] | None,
+    warm_caches: Container[str],
+) -> Decision:
+    pool, shown = found
+    chosen = _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+    assert chosen is not None  # the pool is not empty
+    return Decision(chosen.node, _TIER_REASON[chosen.tier], shown, ())
 
 
 class PreparedTier(NamedTuple):
@@ -759,6 +765,9 @@ class Prepared(NamedTuple):
     tiers: tuple[PreparedTier | None, ...]
     #: The ids of every node whose status was read: a change to another cannot alter this.
     looked_at: tuple[str, ...]
+    #: By ``keep``: ``_first_pool``'s answer when it read only settled tiers, so is the same
+    #: for every file; filled as asked (never mutated by readers).
+    settled_pools: dict[int, FirstPool | None]
 
 
 def _holds_everything(node: NodeConfig) -> None:
@@ -812,7 +821,7 @@ def prepare(
         checked = tuple(may_lack(c.node) for c in listed)
         sure += checked.count(False)
         tiers.append(PreparedTier(listed, checked, exact_to, None if any(checked) else {}))
-    return Prepared(tuple(tiers), tuple(node.id for node in looked_at))
+    return Prepared(tuple(tiers), tuple(node.id for node in looked_at), {})
 
 
 #: A tier no request should need (so exact for nothing): one that does falls back to its walk.
@@ -861,21 +870,31 @@ def decide_prepared(
     it cannot tell (no tier has a node that takes clients and holds the file, or too many of
     the listed nodes lack it), for ``decide_ranked`` to take."""
     views = prepared.tiers
+    pools = prepared.settled_pools
+    if keep in pools:
+        found = pools[keep]
+    else:
+        read_checked = False
 
-    def admit(tier: Tier, need: int, pool: bool) -> list[Candidate] | None:
-        view = views[tier]
-        assert view is not None  # _first_choice asks only of tiers that have nodes
-        settled = view.settled
-        if settled is None:
-            return _admit(view, need, pool, policy, unavailable)
-        key = (need, pool)
-        if key not in settled:
-            settled[key] = _admit(view, need, pool, policy, _holds_everything)
-        return settled[key]
+        def admit(tier: Tier, need: int, pool: bool) -> list[Candidate] | None:
+            nonlocal read_checked
+            view = views[tier]
+            assert view is not None  # _first_pool asks only of tiers that have nodes
+            settled = view.settled
+            if settled is None:
+                read_checked = True
+                return _admit(view, need, pool, policy, unavailable)
+            key = (need, pool)
+            if key not in settled:
+                settled[key] = _admit(view, need, pool, policy, _holds_everything)
+            return settled[key]
 
-    return _first_choice(
-        admit, views, policy, rng, key=key, recent=recent, warm_caches=warm_caches, keep=keep
-    )
+        found = _first_pool(admit, views, policy, keep)
+        if not read_checked:
+            pools[keep] = found
+    if found is None:
+        return None
+    return _choose_first(found, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
 
 
 def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[Candidate]:

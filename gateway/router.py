@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.clientip import ClientAddress, ClientIPResolver
 from gateway.config import GatewayConfig, NodeConfig
@@ -110,8 +110,7 @@ class ChangeLog(Protocol):
         """The nodes changed after ``version``; None when that is no longer known."""
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     client: ClientAddress
     location: Location
     decision: Decision

@@ -14,14 +14,13 @@ from gateway.memo import BoundedMemo
 #: Files whose encoded default-template path is remembered; the default template is what upstream
 #: and most nodes use, so one encoding serves every base URL.
 ENCODED_PATHS = 65_536
-_default_paths: BoundedMemo[tuple[str, str, str, str], str] = BoundedMemo(ENCODED_PATHS)
+_default_paths: BoundedMemo[FileRef, str] = BoundedMemo(ENCODED_PATHS)
 
 
 def default_path(ref: FileRef) -> str:
     """What follows the base in the default template: the file's canonical resolve path."""
-    key = ref.fields
-    path = _default_paths.get(key)
-    return _default_paths.put(key, resolve_path_for(ref)) if path is None else path
+    path = _default_paths.get(ref)
+    return _default_paths.put(ref, resolve_path_for(ref)) if path is None else path
 
 
 def fill_template(template: str, base: str, ref: FileRef) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -138,8 +139,13 @@ class UpstreamProxy:
         *,
         public_origin: str,
         rewrite: Rewrite = "stream",
+        streamed_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
-        """Send ``request`` to upstream at ``target`` (path and query, already validated)."""
+        """Send ``request`` to upstream at ``target`` (path and query, already validated).
+
+        ``streamed_headers`` go on an answer streamed from here, whose headers are sent before
+        this returns; other answers are returned unsent.
+        """
         assert self._session is not None, "UpstreamProxy.start() not awaited"
         headers = {
             name: request.headers[name]
@@ -165,6 +171,8 @@ class UpstreamProxy:
                 return await self._cleaned_json(upstream, out_headers)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.update(out_headers)
+            if streamed_headers:
+                response.headers.update(streamed_headers)
             if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
                 response.content_length = upstream.content_length
             await response.prepare(request)
