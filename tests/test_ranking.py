@@ -176,15 +176,17 @@ def test_walks_past_a_tiny_front_decide_as_the_full_evaluation(
 
 
 class Lacking:
-    """A revision check: the nodes named lack the revision."""
+    """A revision check: the nodes named lack the revision. ``may_lack`` (by default, those
+    same nodes) are the nodes checked per file, of which ``lacking`` lack this one."""
 
     may_lack_version = 0
 
-    def __init__(self, lacking: set[str]) -> None:
+    def __init__(self, lacking: set[str], may_lack: set[str] | None = None) -> None:
         self.lacking = lacking
+        self.checked = may_lack
 
     def may_lack(self, node: NodeConfig) -> bool:
-        return node.id in self.lacking
+        return node.id in (self.lacking if self.checked is None else self.checked)
 
     def reason(self, node: NodeConfig) -> str | None:
         return "not synced" if node.id in self.lacking else None
@@ -338,9 +340,11 @@ def test_prepared_walks_follow_every_status_change(
 ) -> None:
     """Requests take a cell's prepared walks while the nodes they read are unchanged, and must
     still decide as the full evaluation after every change to any node, with little slack for
-    nodes lacking the file (so that requests also fall back to walking the ranking)."""
+    nodes lacking the file (so that requests also fall back to walking the ranking). Requests
+    alternate between that file and one that the same nodes may lack but hold."""
     live = LiveState(nodes, vantage="here", probing=True)
-    revisions = Lacking({node.id for i, node in enumerate(nodes) if i in missing})
+    lacking = {node.id for i, node in enumerate(nodes) if i in missing}
+    files = (Lacking(lacking), Lacking(set(), may_lack=lacking))
     router, reference = twin_routers(nodes, client, near_km, max_tier, seed)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("gateway.router.FIRST_FRONTS", (2,) * len(Tier))
@@ -350,7 +354,8 @@ def test_prepared_walks_follow_every_status_change(
         for step, change in enumerate(changes, start=1):
             if nodes:
                 apply_change(live, nodes[change[0] % len(nodes)], change, float(step))
-            for _ in range(2):  # the second request takes what the first prepared
+            # Later requests take what the first prepared.
+            for revisions in files + files:
                 fast = router.route(
                     REF, address(1), live.statuses, revisions=revisions, changes=live
                 ).decision
