@@ -738,6 +738,8 @@ def _choose_first(
     recent: Mapping[str, int] | None,
     warm_caches: Container[str],
 ) -> Decision:
+    """The draw in ``_first_pool``'s pool. Drawn only once the pool is known, so that a
+    ``take`` that cannot tell (and the walk that then decides) leaves the RNG as it was."""
     pool, shown = found
     chosen = _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
     assert chosen is not None  # the pool is not empty
@@ -766,7 +768,7 @@ class Prepared(NamedTuple):
     #: The ids of every node whose status was read: a change to another cannot alter this.
     looked_at: tuple[str, ...]
     #: By ``keep``: ``_first_pool``'s answer when it read only settled tiers, so is the same
-    #: for every file; filled as asked (never mutated by readers).
+    #: for every file; filled by the first request that asks, never changed once filled.
     settled_pools: dict[int, FirstPool | None]
 
 
