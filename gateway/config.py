@@ -201,6 +201,10 @@ class StateConfig:
     redirect_window_s: float = 10.0
     #: Mean download duration assumed when turning a redirect rate into concurrent downloads.
     estimated_download_s: float = 60.0
+    #: A node's load (fraction of capacity) is taken up only when it moves by at least this
+    #: much, or crosses full capacity: reports and estimates wobble, and every change re-ranks
+    #: the routing cells that read the node.
+    load_deadband: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,6 +586,7 @@ def _state(s: _Section) -> StateConfig:
         estimated_download_s=s.get(
             "estimated_download_s", d.estimated_download_s, _float(0.1, 86400.0)
         ),
+        load_deadband=s.get("load_deadband", d.load_deadband, _float(0.0, 0.5)),
     )
 
 

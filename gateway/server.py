@@ -129,7 +129,12 @@ def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
     ``metrics_dir``: the shared metrics directory of a multi-worker server.
     """
     config = router.config
-    live = LiveState(config.nodes, vantage=config.probing.vantage, probing=config.probing.enabled)
+    live = LiveState(
+        config.nodes,
+        vantage=config.probing.vantage,
+        probing=config.probing.enabled,
+        load_deadband=config.state.load_deadband,
+    )
     redirects = RedirectCounter()
     store: StateStore
     if config.redis.url:

@@ -10,7 +10,7 @@ time: when shared state is unreachable the gateway keeps routing on the last vie
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
@@ -102,6 +102,17 @@ def load_fraction(node: NodeConfig, record: LoadRecord | None) -> float | None:
     return max(fractions) if fractions else None
 
 
+def within_deadband(current: float | None, new: float | None, deadband: float) -> bool:
+    """Whether a load moving from ``current`` to ``new`` is noise to ignore: a move smaller than
+    ``deadband`` that does not cross full capacity. Every status change re-ranks the routing
+    cells that read the node, and load reports and redirect estimates wobble by a few percent
+    from one reading to the next; the score error this keeps is at most ``deadband`` times
+    ``routing.load_penalty_km``."""
+    if current is None or new is None:
+        return current is new
+    return abs(new - current) < deadband and (new >= 1.0) == (current >= 1.0)
+
+
 def preferred_probe(probes: Iterable[ProbeRecord], vantage: str) -> ProbeRecord | None:
     """This vantage's own verdict if it has one, else the most recent from anywhere."""
     best: ProbeRecord | None = None
@@ -153,9 +164,19 @@ class LiveState:
     ``NodeStatus``, so a request always sees a consistent status per node.
     """
 
-    def __init__(self, nodes: Sequence[NodeConfig], *, vantage: str, probing: bool) -> None:
+    def __init__(
+        self,
+        nodes: Sequence[NodeConfig],
+        *,
+        vantage: str,
+        probing: bool,
+        load_deadband: float = 0.0,
+    ) -> None:
         self.vantage = vantage
         self.probing = probing
+        #: Load moves smaller than this (a fraction of capacity) keep the load in use, unless
+        #: they cross full capacity (``state.load_deadband``). Set it before ``reconfigure``.
+        self.load_deadband = load_deadband
         self._records: dict[str, _NodeRecords] = {}
         self.statuses: dict[str, NodeStatus] = {}
         #: Bumped on every change, so derived caches know when to rebuild.
@@ -189,7 +210,14 @@ class LiveState:
     def _refresh(self, node_id: str) -> None:
         records = self._records[node_id]
         status = self._status(records)
-        if self.statuses.get(node_id) != status:
+        current = self.statuses.get(node_id)
+        if (
+            current is not None
+            and current.load != status.load
+            and within_deadband(current.load, status.load, self.load_deadband)
+        ):
+            status = replace(status, load=current.load)
+        if current != status:
             self.statuses[node_id] = status
             self.version += 1
             self._changes.append(node_id)

@@ -1,0 +1,88 @@
+"""How ``LiveState`` takes up load readings: the deadband that keeps noise from re-ranking."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import Capacity, NodeConfig
+from gateway.state import LiveState, LoadRecord, within_deadband
+
+NODE = NodeConfig(id="n", base_url="https://n.example", capacity=Capacity(connections=1000))
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "deadband", "ignored"),
+    [
+        (0.30, 0.33, 0.05, True),
+        (0.30, 0.27, 0.05, True),
+        (0.30, 0.36, 0.05, False),
+        (0.30, 0.24, 0.05, False),
+        # Crossing full capacity is never noise: it decides whether the node takes clients.
+        (0.98, 1.00, 0.05, False),
+        (1.02, 0.99, 0.05, False),
+        (1.00, 1.04, 0.05, True),
+        (None, 0.01, 0.05, False),
+        (0.01, None, 0.05, False),
+        (None, None, 0.05, True),
+        # No deadband: every move counts.
+        (0.30, 0.3001, 0.0, False),
+    ],
+)
+def test_within_deadband(
+    current: float | None, new: float | None, deadband: float, ignored: bool
+) -> None:
+    assert within_deadband(current, new, deadband) is ignored
+
+
+def load(connections: float, at: float) -> LoadRecord:
+    return LoadRecord("n", "redirects", active_connections=connections, measured_at=at)
+
+
+def test_small_load_moves_keep_the_load_in_use_and_the_version() -> None:
+    live = LiveState([NODE], vantage="v", probing=False, load_deadband=0.05)
+    live.apply_load(load(300, 1.0))
+    assert live.statuses["n"].load == pytest.approx(0.30)
+    version = live.version
+
+    live.apply_load(load(330, 2.0))
+    assert live.statuses["n"].load == pytest.approx(0.30)
+    assert live.version == version
+    assert live.changed_since(version) == []
+    # The record itself is the newest reading, whatever load is in use.
+    assert live.load_record("n") == load(330, 2.0)
+
+    live.apply_load(load(360, 3.0))
+    assert live.statuses["n"].load == pytest.approx(0.36)
+    assert live.changed_since(version) == ["n"]
+
+
+def test_deadband_is_measured_from_the_load_in_use_not_the_last_reading() -> None:
+    live = LiveState([NODE], vantage="v", probing=False, load_deadband=0.05)
+    live.apply_load(load(300, 1.0))
+    for step, connections in enumerate((320, 340), start=2):
+        live.apply_load(load(connections, float(step)))
+        assert live.statuses["n"].load == pytest.approx(0.30)
+    live.apply_load(load(360, 4.0))
+    # Each step was under 0.05, the drift was not: a slow climb is still followed.
+    assert live.statuses["n"].load == pytest.approx(0.36)
+
+
+@given(
+    deadband=st.sampled_from([0.0, 0.02, 0.05, 0.2]),
+    readings=st.lists(st.integers(min_value=0, max_value=1200), min_size=1, max_size=30),
+)
+def test_load_in_use_stays_within_the_deadband_of_the_latest_reading(
+    deadband: float, readings: list[int]
+) -> None:
+    live = LiveState([NODE], vantage="v", probing=False, load_deadband=deadband)
+    for at, connections in enumerate(readings):
+        before, version = live.statuses["n"].load, live.version
+        live.apply_load(load(connections, float(at)))
+        latest, in_use = connections / 1000, live.statuses["n"].load
+        assert in_use is not None
+        assert abs(in_use - latest) < deadband or in_use == pytest.approx(latest)
+        assert (in_use >= 1.0) == (latest >= 1.0)
+        # A version bump is a change of the load in use, and only that.
+        assert (live.version != version) == (in_use != before)
