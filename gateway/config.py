@@ -201,6 +201,8 @@ class StateConfig:
     redirect_window_s: float = 10.0
     #: Mean download duration assumed when turning a redirect rate into concurrent downloads.
     estimated_download_s: float = 60.0
+    #: The newest window's weight in the smoothed redirect count (1.0: that window alone).
+    redirect_smoothing: float = 0.3
     #: A node's load (fraction of capacity) is taken up only when it moves by at least this
     #: much, or crosses full capacity: reports and estimates wobble, and every change re-ranks
     #: the routing cells that read the node.
@@ -586,6 +588,7 @@ def _state(s: _Section) -> StateConfig:
         estimated_download_s=s.get(
             "estimated_download_s", d.estimated_download_s, _float(0.1, 86400.0)
         ),
+        redirect_smoothing=s.get("redirect_smoothing", d.redirect_smoothing, _float(0.05, 1.0)),
         load_deadband=s.get("load_deadband", d.load_deadband, _float(0.0, 0.5)),
     )
 

@@ -281,7 +281,7 @@ class LiveState:
         return tuple(self._records)
 
 
-def estimated_connections(redirects: int, window_s: float, download_s: float) -> float:
+def estimated_connections(redirects: float, window_s: float, download_s: float) -> float:
     """Concurrent downloads implied by a redirect count (Little's law: rate x duration)."""
     return redirects / window_s * download_s
 
@@ -316,3 +316,34 @@ class RedirectCounter:
         """Close the current window and return its counts."""
         closed, self.current = self.current, {}
         return closed
+
+
+class SmoothedRedirects:
+    """Redirects per window and node, smoothed over windows (an exponentially weighted mean).
+
+    A load estimated from one window alone swings: a node that looked idle draws every nearby
+    client in the next window, then looks overloaded and is left idle in the one after, and
+    each swing re-ranks every location near it. The smoothed count follows a node's sustained
+    share of the traffic instead.
+    """
+
+    def __init__(self, newest_weight: float) -> None:
+        #: The newest window's share of the estimate (1.0: that window alone).
+        self.newest_weight = newest_weight
+        self._smoothed: dict[str, float] = {}
+
+    def add(self, node_id: str, redirects: int) -> float:
+        """Take in one closed window's count; returns the smoothed count."""
+        previous = self._smoothed.get(node_id)
+        smoothed = (
+            float(redirects)
+            if previous is None
+            else previous + self.newest_weight * (redirects - previous)
+        )
+        self._smoothed[node_id] = smoothed
+        return smoothed
+
+    def keep_only(self, node_ids: Iterable[str]) -> None:
+        """Forget nodes no longer configured (a re-added node starts afresh)."""
+        kept = set(node_ids)
+        self._smoothed = {n: count for n, count in self._smoothed.items() if n in kept}

@@ -66,6 +66,7 @@ from gateway.state import (
     LoadSource,
     ProbeRecord,
     RedirectCounter,
+    SmoothedRedirects,
     estimated_connections,
 )
 
@@ -307,8 +308,9 @@ def _holds(live: LiveState, record: Record) -> bool:
     return live.admin_mode(record.node_id) == record.mode
 
 
-def redirect_load(node_id: str, redirects: int, state: StateConfig, at: float) -> LoadRecord:
-    """The load a node without a load URL is assumed to carry, from one window's redirects."""
+def redirect_load(node_id: str, redirects: float, state: StateConfig, at: float) -> LoadRecord:
+    """The load a node without a load URL is assumed to carry, from its redirects per window
+    (``SmoothedRedirects``)."""
     return LoadRecord(
         node_id=node_id,
         source="redirects",
@@ -368,6 +370,7 @@ class InProcessStore:
         self.live = live
         self.redirects = redirects
         self._state = state
+        self._smoothed = SmoothedRedirects(state.redirect_smoothing)
         self._nodes = tuple(nodes)
         self._clock = clock
         self._windows: asyncio.Task[None] | None = None
@@ -409,13 +412,14 @@ class InProcessStore:
     def reconfigure(self, nodes: Sequence[NodeConfig]) -> None:
         self.live.reconfigure(nodes)
         self._nodes = tuple(nodes)
+        self._smoothed.keep_only(node.id for node in nodes)
 
     async def _close_window(self) -> None:
         counts = self.redirects.rotate()
         now = self._clock()
         for node in self._nodes:
             if node.load_url is None:
-                count = counts.get(node.id, 0)
+                count = self._smoothed.add(node.id, counts.get(node.id, 0))
                 self.live.apply_load(redirect_load(node.id, count, self._state, now))
 
 
@@ -507,6 +511,7 @@ class RedisStore:
         self._url = redis.url
         self._redis = redis
         self._state = state
+        self._smoothed = SmoothedRedirects(state.redirect_smoothing)
         self._nodes = tuple(nodes)
         self._clock = clock
         self._record_ttl_ms = round(record_ttl_s * 1000)
@@ -623,6 +628,7 @@ class RedisStore:
         self.live.reconfigure(nodes)
         self._nodes = tuple(nodes)
         kept = {node.id for node in nodes}
+        self._smoothed.keep_only(kept)
         self._applied = {
             key: applied for key, applied in self._applied.items() if applied[1].node_id in kept
         }
@@ -892,8 +898,9 @@ class RedisStore:
             # During an outage this instance's own counts are only a fraction of the load;
             # the last shared estimate is the better guess.
             return
-        # Every instance reads the same totals and stamps the window's end, so all of them
-        # apply the same record.
+        # Every instance reads the same totals and stamps the window's end, so instances that
+        # have seen the same windows apply the same record; one that joined later converges
+        # as the smoothing forgets the windows it missed.
         end = (window + 1) * window_s
         for start in range(0, len(nodes), RESYNC_BATCH):
             batch = nodes[start : start + RESYNC_BATCH]
@@ -911,4 +918,5 @@ class RedisStore:
                 if total < 0:
                     logger.debug("state store: skipping redirect count %r of %s", value, node_id)
                     continue
-                self.live.apply_load(redirect_load(node_id, total, self._state, end))
+                smoothed = self._smoothed.add(node_id, total)
+                self.live.apply_load(redirect_load(node_id, smoothed, self._state, end))

@@ -1,4 +1,5 @@
-"""How ``LiveState`` takes up load readings: the deadband that keeps noise from re-ranking."""
+"""How load readings become the load routing uses: the deadband that keeps noise from
+re-ranking, and the smoothing of redirect counts over windows."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import Capacity, NodeConfig
-from gateway.state import LiveState, LoadRecord, within_deadband
+from gateway.state import LiveState, LoadRecord, SmoothedRedirects, within_deadband
 
 NODE = NodeConfig(id="n", base_url="https://n.example", capacity=Capacity(connections=1000))
 
@@ -86,3 +87,31 @@ def test_load_in_use_stays_within_the_deadband_of_the_latest_reading(
         assert (in_use >= 1.0) == (latest >= 1.0)
         # A version bump is a change of the load in use, and only that.
         assert (live.version != version) == (in_use != before)
+
+
+@pytest.mark.parametrize(
+    ("weight", "windows", "expected"),
+    [
+        (0.3, [10], 10.0),  # the first window is all there is
+        (0.3, [10, 20], 13.0),
+        (0.3, [10, 20, 0], 9.1),
+        (1.0, [10, 20, 0], 0.0),  # the newest window alone
+        # A node that draws everyone in one window and no one in the next: the estimate
+        # stays between the two rather than swinging from one to the other.
+        (0.3, [0, 100, 0, 100, 0, 100], 51.903),
+    ],
+)
+def test_smoothed_redirects(weight: float, windows: list[int], expected: float) -> None:
+    smoothed = SmoothedRedirects(weight)
+    for count in windows:
+        result = smoothed.add("n", count)
+    assert result == pytest.approx(expected)
+
+
+def test_smoothed_redirects_forget_dropped_nodes() -> None:
+    smoothed = SmoothedRedirects(0.5)
+    smoothed.add("a", 10)
+    smoothed.add("b", 10)
+    smoothed.keep_only(["a"])
+    assert smoothed.add("a", 0) == 5.0
+    assert smoothed.add("b", 0) == 0.0  # starts afresh

@@ -409,6 +409,21 @@ async def test_redirects_of_all_instances_make_one_load_estimate(
     assert b.live.load_record("b") is None
     assert a.redirects.current == {}, "the local window turned over too"
 
+    # A later window's total enters smoothed: 5 + 0.3 * (15 - 5) redirects, on both instances.
+    window = int(clock.now)  # where the clock stands now, past window 1000 and its settling
+    for _ in range(15):
+        a.redirects.count("a")
+    deadline = time.monotonic() + 3.0
+    while int(await direct.get(f"{PREFIX}redirects:{window}:a") or 0) != 15:
+        assert time.monotonic() < deadline, "a pushed its counts of the current window"
+        await asyncio.sleep(0.05)
+    clock.now = window + 1.0 + SETTLE_S
+    smoothed = LoadRecord(
+        "a", "redirects", active_connections=pytest.approx(80.0), measured_at=window + 1.0
+    )
+    await eventually(lambda: a.live.load_record("a") == smoothed, "smoothed estimate on a")
+    await eventually(lambda: b.live.load_record("a") == smoothed, "smoothed estimate on b")
+
 
 async def test_close_pushes_the_last_counts(
     make_store: MakeStore, redis_url: str, direct: Redis
