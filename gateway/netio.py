@@ -1,7 +1,8 @@
-"""Small helpers for the gateway's own outbound HTTP (probes, manifests, verification)."""
+"""Small helpers for the gateway's own outbound I/O (probes, manifests, verification, Redis)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -9,6 +10,19 @@ import aiohttp
 
 _READ_CHUNK_BYTES = 64 * 1024
 _DETAIL_MAX_CHARS = 120
+
+
+def stop_if_cancelled() -> None:
+    """Raise the cancellation a library call swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` (redis-py sends every command through it) returns
+    the result instead of raising when the task is cancelled just as the send completes. The
+    request to stop then shows only in ``Task.cancelling()``, and a loop that does not look
+    would run on after shutdown gave up waiting for it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def describe_error(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import NodeConfig, ProbeSpec, ProbingConfig
-from gateway.netio import bounded_chunks, describe_error
+from gateway.netio import bounded_chunks, describe_error, stop_if_cancelled
 from gateway.state import NOT_YET_PROBED, LoadRecord, LoadSource, ProbeRecord
 
 USER_AGENT = "mirror-gateway-prober/0.1 (+https://github.com/mirror-gateway)"
@@ -505,6 +505,8 @@ class Prober:
         try:
             next_round = loop.time()
             while True:
+                # The round's lock calls go to Redis, whose sends may swallow a cancellation.
+                stop_if_cancelled()
                 config = self._config
                 if config.concurrency != limit:
                     # A reload raised or lowered concurrency: with a smaller pool than the

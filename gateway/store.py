@@ -58,6 +58,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import NodeConfig, RedisConfig, StateConfig
+from gateway.netio import stop_if_cancelled
 from gateway.state import (
     AdminMode,
     AdminRecord,
@@ -321,22 +322,9 @@ def redirect_load(node_id: str, redirects: float, state: StateConfig, at: float)
     )
 
 
-def _stop_if_cancelled() -> None:
-    """Raise the cancellation a library call swallowed.
-
-    On Python 3.11, ``asyncio.wait_for`` (redis-py sends every command through it) returns
-    the result instead of raising when the task is cancelled just as the send completes. The
-    request to stop then shows only in ``Task.cancelling()``, and a loop that does not look
-    would run on after shutdown gave up waiting for it.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 async def _every(interval_s: float, step: Callable[[], Awaitable[None]], what: str) -> None:
     while True:
-        _stop_if_cancelled()
+        stop_if_cancelled()
         await asyncio.sleep(interval_s)
         try:
             await step()
@@ -691,7 +679,7 @@ class RedisStore:
     async def _supervise(self) -> None:
         backoff = BACKOFF_MIN_S
         while True:
-            _stop_if_cancelled()
+            stop_if_cancelled()
             client = Redis.from_url(
                 self._url,
                 socket_connect_timeout=self._redis.connect_timeout_s,
@@ -739,7 +727,7 @@ class RedisStore:
         next_resync = loop.time() + self._state.resync_s
         next_ping = loop.time() + FLUSH_INTERVAL_S
         while True:
-            _stop_if_cancelled()
+            stop_if_cancelled()
             if self._degraded_reason is not None:
                 raise _Reconnect
             now = loop.time()
@@ -791,7 +779,7 @@ class RedisStore:
         # Listed lazily: building all keys up front would itself hold the loop for a while.
         stored = self._stored_keys(nodes, vantages)
         while batch := list(itertools.islice(stored, RESYNC_BATCH)):
-            _stop_if_cancelled()
+            stop_if_cancelled()
             async with asyncio.timeout(self._bound):
                 replies = await read_hashes(keys=[key for key, *_ in batch], client=client)
             for (key, kind, node_id, vantage), reply in zip(batch, replies, strict=True):
