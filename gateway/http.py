@@ -172,15 +172,25 @@ def _record(
         }
 
 
-def parsed_or_error(raw_path: str, max_bytes: int, not_found: str) -> FileRef | web.Response:
-    """The file a resolve path names, or the JSON error to answer instead."""
+def parsed_or_error(
+    raw_path: str, max_bytes: int, not_found: Callable[[str], str]
+) -> FileRef | web.Response:
+    """The file a resolve path names, or the JSON error to answer instead (``not_found``
+    words it, from the path, when the path is not a resolve path)."""
     try:
         ref = parse_resolve_path_remembered(raw_path, max_bytes)
     except PathError as exc:
         return json_error(exc.status, exc.code, exc.message)
     if ref is None:
-        return json_error(404, "not_found", not_found)
+        return json_error(404, "not_found", not_found(raw_path))
     return ref
+
+
+def _no_such_endpoint(raw_path: str) -> str:
+    return (
+        f"no such endpoint: {_describe_path(raw_path)}; "
+        "files are served at /{repo_id}/resolve/{revision}/{filename}"
+    )
 
 
 async def resolve(request: web.Request) -> web.StreamResponse:
@@ -189,12 +199,7 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     raw_path = request.rel_url.raw_path
     if raw_path.startswith(API_PREFIX):
         return await api(request)
-    ref = parsed_or_error(
-        raw_path,
-        router.config.server.max_path_bytes,
-        f"no such endpoint: {_describe_path(raw_path)}; "
-        "files are served at /{repo_id}/resolve/{revision}/{filename}",
-    )
+    ref = parsed_or_error(raw_path, router.config.server.max_path_bytes, _no_such_endpoint)
     if isinstance(ref, web.Response):
         return ref
     if request.method not in ("GET", "HEAD"):

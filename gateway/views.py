@@ -77,15 +77,15 @@ def _client(request: web.Request, router: Router) -> tuple[ClientAddress, bool]:
     return ClientAddress(ip, "peer", country.upper() if country else None), True
 
 
+def _not_a_resolve_path(raw_path: str) -> str:
+    return "explain takes a resolve path: /explain/{repo_id}/resolve/{revision}/{filename}"
+
+
 async def explain(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     router = runtime.router
     raw_path = request.rel_url.raw_path.removeprefix(EXPLAIN_PREFIX)
-    ref = parsed_or_error(
-        raw_path,
-        router.config.server.max_path_bytes,
-        "explain takes a resolve path: /explain/{repo_id}/resolve/{revision}/{filename}",
-    )
+    ref = parsed_or_error(raw_path, router.config.server.max_path_bytes, _not_a_resolve_path)
     if isinstance(ref, web.Response):
         return ref
     try:
