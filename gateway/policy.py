@@ -1002,7 +1002,9 @@ def decide(
     if chosen is not None:
         reason = _TIER_REASON[chosen.tier]
         return Decision(chosen.node, reason, tuple(filtered.accepted), excluded)
-    last_resort = choose(filtered.reserve, policy, rng, key=key, recent=recent)
+    last_resort = choose(
+        filtered.reserve, policy, rng, key=key, recent=recent, warm_caches=warm_caches
+    )
     if last_resort is not None:
         return Decision(last_resort.node, "at_capacity_last_resort", (), excluded)
     return Decision(None, "no_eligible_node", (), excluded)

@@ -144,6 +144,7 @@ def assert_decides_as_full(fast: Decision, full: Decision) -> None:
     client=clients,
     states=st.lists(live, min_size=60, max_size=60),
     missing=st.sets(st.integers(0, 59), min_size=20),
+    warm=st.sets(st.integers(0, 59)),
     near_km=st.sampled_from([0.0, 100.0, 5000.0]),
     max_tier=tiers,
     seed=st.integers(0, 2**32),
@@ -153,15 +154,19 @@ def test_walks_past_a_tiny_front_decide_as_the_full_evaluation(
     client: Location,
     states: list[NodeStatus],
     missing: set[int],
+    warm: set[int],
     near_km: float,
     max_tier: str,
     seed: int,
 ) -> None:
     """Most nodes down or without the revision: walks run past fronts of 2 nodes. The
     router's deepening of its kept rankings, and past a cap of 8 its per-request ranking of
-    the admissible rest, must not change a decision."""
+    the admissible rest, must not change a decision, nor which caches hold the file."""
     statuses = {node.id: states[i] for i, node in enumerate(nodes)}
-    revisions = Lacking({node.id for i, node in enumerate(nodes) if i in missing})
+    revisions = Lacking(
+        {node.id for i, node in enumerate(nodes) if i in missing},
+        warm=frozenset(node.id for i, node in enumerate(nodes) if i in warm),
+    )
     router, reference = twin_routers(nodes, client, near_km, max_tier, seed)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("gateway.router.FIRST_FRONTS", (2,) * len(Tier))
@@ -177,13 +182,20 @@ def test_walks_past_a_tiny_front_decide_as_the_full_evaluation(
 
 class Lacking:
     """A revision check: the nodes named lack the revision. ``may_lack`` (by default, those
-    same nodes) are the nodes checked per file, of which ``lacking`` lack this one."""
+    same nodes) are the nodes checked per file, of which ``lacking`` lack this one; the caches
+    in ``warm`` already hold the file."""
 
     may_lack_version = 0
 
-    def __init__(self, lacking: set[str], may_lack: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        lacking: set[str],
+        may_lack: set[str] | None = None,
+        warm: frozenset[str] = frozenset(),
+    ) -> None:
         self.lacking = lacking
         self.checked = may_lack
+        self.warm = warm
 
     def may_lack(self, node: NodeConfig) -> bool:
         return node.id in (self.lacking if self.checked is None else self.checked)
@@ -195,7 +207,7 @@ class Lacking:
         return None
 
     def __contains__(self, node_id: object) -> bool:
-        return False
+        return node_id in self.warm
 
 
 class FixedLocator:
@@ -449,3 +461,23 @@ def test_preparations_follow_what_may_be_lacking() -> None:
         later = router.route(REF, address(1), live.statuses, revisions=revisions, changes=live)
         assert later.decision.node is not None
         assert first.decision.node.id not in [c.node.id for c in later.decision.candidates]
+
+
+def test_at_capacity_a_cache_holding_the_file_is_the_last_resort_on_every_path() -> None:
+    """With every node full, the last resort among near-equal caches is one that holds the
+    file, whether a redirect or explain (the full evaluation) decides."""
+    client = replace(BEIJING, asn=None, asn_org=None)
+    caches = tuple(
+        NodeConfig(f"cache{i}", f"https://c{i}.example", kind="cache", country="CN",
+                   latitude=39.9, longitude=116.4)
+        for i in range(4)
+    )  # fmt: skip
+    full = {cache.id: NodeStatus(load=1.5) for cache in caches}
+    revisions = Lacking(set(), warm=frozenset({"cache2"}))
+    for seed in range(20):
+        router, reference = twin_routers(list(caches), client, 100.0, "any", seed)
+        ref = REF._replace(filename=f"shard-{seed}.bin")
+        fast = router.route(ref, address(1), full, revisions=revisions).decision
+        explained = reference.route(ref, address(1), full, revisions=revisions, full=True)
+        assert fast.reason == explained.decision.reason == "at_capacity_last_resort"
+        assert fast.node == explained.decision.node == caches[2]
