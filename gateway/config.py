@@ -195,7 +195,8 @@ class ProbingConfig:
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    #: Full re-read of shared state, on top of change notifications.
+    #: Full re-read of shared state, on top of change notifications; skipped while no record
+    #: was written since the last one.
     resync_s: float = 10.0
     #: Redirect counts are summed per window to estimate load of nodes that publish none.
     redirect_window_s: float = 10.0

@@ -25,6 +25,9 @@ Redis layout (``{p}`` is ``redis.key_prefix``, default ``mg:``; node ids and van
 ``{p}lock:prober:{vantage}``
     string, the instance id of the one instance probing for that vantage (``SET NX PX``);
     renewed and released only by its owner (Lua scripts compare the value).
+``{p}writes``
+    integer, incremented by every record write above (in the same MULTI); a periodic resync
+    is skipped while it reads what it read at the last complete one.
 ``{p}events``
     pub/sub channel; every record written above is also published as compact JSON
     ``{"from": instance_id, "kind": "probe"|"load"|"admin", "fields": {...}}`` inside the same
@@ -433,6 +436,7 @@ class _Keys:
         self.prefix = prefix
         self.vantages = f"{prefix}vantages"
         self.events = f"{prefix}events"
+        self.writes = f"{prefix}writes"
 
     def probe(self, vantage: str, node_id: str) -> str:
         return f"{self.prefix}probe:{vantage}:{node_id}"
@@ -526,6 +530,8 @@ class RedisStore:
         self._outage_since: float | None = None
         self._first_attempt = asyncio.Event()
         self._resync_requested = asyncio.Event()
+        #: ``{p}writes`` as read before the last complete resync on the current connection.
+        self._resynced_writes: bytes | str | None = None
         self._window = self._window_index(clock())
         self._closed_windows: list[int] = []
         #: Per Redis key, the hash a resync last decoded there and the record it made of it. A
@@ -732,8 +738,9 @@ class RedisStore:
                 raise _Reconnect
             now = loop.time()
             if self._resync_requested.is_set() or now >= next_resync:
+                requested = self._resync_requested.is_set()
                 self._resync_requested.clear()
-                await self._resync(client)
+                await self._resync(client, unless_unwritten=not requested)
                 next_resync = now + self._state.resync_s
                 next_ping = now + FLUSH_INTERVAL_S
             elif now >= next_ping:
@@ -764,9 +771,20 @@ class RedisStore:
             return
         _apply(self.live, record)
 
-    async def _resync(self, client: Redis) -> None:
-        """Read every configured node's records back, ``RESYNC_BATCH`` keys per round trip."""
+    async def _resync(self, client: Redis, *, unless_unwritten: bool = False) -> None:
+        """Read every configured node's records back, ``RESYNC_BATCH`` keys per round trip.
+
+        ``unless_unwritten``: not if no record was written since the last complete resync on
+        this connection. Every write is also an event, so what a resync finds then is what the
+        events already brought; the periodic resync guards against events lost in between.
+        """
         nodes = [node.id for node in self._nodes]
+        async with asyncio.timeout(self._bound):
+            writes = await client.get(self._keys.writes)
+        # None: no instance counts its writes here, so nothing tells whether one was made.
+        if unless_unwritten and writes is not None and writes == self._resynced_writes:
+            return
+        self._resynced_writes = None
         async with asyncio.timeout(self._bound):
             members = await client.smembers(self._keys.vantages)
         vantages = sorted(
@@ -784,6 +802,8 @@ class RedisStore:
                 replies = await read_hashes(keys=[key for key, *_ in batch], client=client)
             for (key, kind, node_id, vantage), reply in zip(batch, replies, strict=True):
                 self._apply_stored(key, kind, node_id, vantage, _stored_hash(reply))
+        # Read before the keys: a write during this resync makes the next one complete again.
+        self._resynced_writes = writes
 
     def _stored_keys(
         self, nodes: Sequence[str], vantages: Sequence[str]
@@ -842,6 +862,7 @@ class RedisStore:
             pipe.sadd(self._keys.vantages, record.vantage)
         if not isinstance(record, AdminRecord):
             pipe.pexpire(key, self._record_ttl_ms)
+        pipe.incr(self._keys.writes)
         pipe.publish(self._keys.events, event)
         try:
             async with asyncio.timeout(self._bound):

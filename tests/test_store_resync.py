@@ -49,7 +49,13 @@ def nodes_named(*names: str) -> tuple[NodeConfig, ...]:
 
 class MakeStore(Protocol):
     def __call__(
-        self, url: str, nodes: Sequence[NodeConfig], *, clock: Callable[[], float] = ...
+        self,
+        url: str,
+        nodes: Sequence[NodeConfig],
+        *,
+        clock: Callable[[], float] = ...,
+        state: StateConfig = ...,
+        name: str = ...,
     ) -> Awaitable[RedisStore]: ...
 
 
@@ -59,7 +65,12 @@ async def make_store() -> AsyncIterator[MakeStore]:
     made: list[RedisStore] = []
 
     async def make(
-        url: str, nodes: Sequence[NodeConfig], *, clock: Callable[[], float] = time.time
+        url: str,
+        nodes: Sequence[NodeConfig],
+        *,
+        clock: Callable[[], float] = time.time,
+        state: StateConfig = STATE,
+        name: str = "reader",
     ) -> RedisStore:
         config = RedisConfig(
             url=url,
@@ -69,7 +80,7 @@ async def make_store() -> AsyncIterator[MakeStore]:
         )
         live = LiveState(nodes, vantage="v1", probing=True)
         store = RedisStore(
-            live, RedirectCounter(), config, STATE, nodes, instance_id="reader", clock=clock
+            live, RedirectCounter(), config, state, nodes, instance_id=name, clock=clock
         )
         made.append(store)
         await store.start()
@@ -346,6 +357,27 @@ async def test_redirect_totals_are_read_in_batches(
     assert "skipping redirect count b'many' of c" in caplog.text
     stats = await direct.info("commandstats")
     assert stats["cmdstat_mget"]["calls"] == 3
+
+
+async def test_periodic_resyncs_read_again_only_after_a_write(
+    make_store: MakeStore, redis_url: str, script_calls: list[tuple[int, int]]
+) -> None:
+    """Every record write counts itself, so a periodic resync that finds the count where the
+    last complete one left it reads nothing; the first one after a write reads everything."""
+    nodes = nodes_named("a", "b")
+    writer = await make_store(redis_url, nodes, name="writer")
+    await writer.publish_probe(probe("a", at=1.0))
+    reader = await make_store(redis_url, nodes, state=StateConfig(resync_s=0.05))
+    started = len(script_calls)  # one batch each: the resyncs every connection starts with
+
+    await asyncio.sleep(0.5)
+    assert len(script_calls) == started, "nothing written: no periodic resync read"
+
+    await writer.publish_probe(probe("a", at=2.0))
+    await eventually(lambda: len(script_calls) == started + 1, "a resync after the write")
+    await asyncio.sleep(0.5)
+    assert len(script_calls) == started + 1
+    assert reader.live.probe_records("a") == (probe("a", at=2.0),)
 
 
 ATTEMPTS = 40
