@@ -55,7 +55,6 @@ class Runtime:
     def adopt(self, router: Router) -> None:
         self.router = router
         self.link_layouts = LinkLayouts(LINK_LAYOUTS)
-        self.store.live.load_deadband = router.config.state.load_deadband
         self.store.reconfigure(router.config.nodes)
         if self.prober is not None:
             self.prober.reconfigure(router.config.nodes, router.config.probing)

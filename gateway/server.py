@@ -164,7 +164,7 @@ def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
 
 
 #: Settings read once at start; a reload that changes them only warns.
-_RESTART_ONLY = ("server", "redis", "admin")
+_RESTART_ONLY = ("server", "redis", "admin", "state")
 
 
 def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:

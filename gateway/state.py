@@ -175,7 +175,7 @@ class LiveState:
         self.vantage = vantage
         self.probing = probing
         #: Load moves smaller than this (a fraction of capacity) keep the load in use, unless
-        #: they cross full capacity (``state.load_deadband``). Set it before ``reconfigure``.
+        #: they cross full capacity (``state.load_deadband``).
         self.load_deadband = load_deadband
         self._records: dict[str, _NodeRecords] = {}
         self.statuses: dict[str, NodeStatus] = {}

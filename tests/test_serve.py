@@ -105,6 +105,12 @@ def test_sighup_reload_applies_good_config_and_refuses_bad(
         assert duplicates and all(
             url.startswith((*moved.values(), fake_hub.url)) for url in duplicates
         ), headers["link"]
+
+        # The state store keeps the settings it started with, and a reload says so.
+        config["state"] = {"load_deadband": 0.2}
+        config_file.write_text(yaml.safe_dump(config))
+        gateway.signal(signal.SIGHUP)
+        gateway.wait_for_log("state.* settings changed; they take effect after a restart")
     finally:
         assert gateway.stop() == 0
 

@@ -383,23 +383,18 @@ async def test_periodic_resyncs_read_again_only_after_a_write(
 ATTEMPTS = 40
 
 
-async def test_close_in_the_middle_of_resyncs_always_stops_the_store(redis_url: str) -> None:
+async def test_close_in_the_middle_of_resyncs_always_stops_the_store(
+    make_store: MakeStore, redis_url: str
+) -> None:
     """Closing at any moment ends every task: on Python 3.11 redis-py's sends (through
     ``asyncio.wait_for``) can swallow a cancellation that arrives as a send completes, and the
     store must still see it. With resyncs back to back, closing after a random number of event
     loop turns lands anywhere in a batch's round trip, now and then in that gap."""
-    nodes = tuple(NodeConfig(id=f"n{i}", base_url=f"https://n{i}.example") for i in range(400))
-    config = RedisConfig(
-        url=redis_url,
-        key_prefix=PREFIX,
-        connect_timeout_s=CONNECT_TIMEOUT_S,
-        command_timeout_s=COMMAND_TIMEOUT_S,
-    )
+    nodes = nodes_named(*(f"n{i}" for i in range(400)))
+    back_to_back = StateConfig(resync_s=0.0)
     rng = random.Random(6)
     for attempt in range(ATTEMPTS):
-        live = LiveState(nodes, vantage="v1", probing=True)
-        store = RedisStore(live, RedirectCounter(), config, StateConfig(resync_s=0.0), nodes)
-        await store.start()
+        store = await make_store(redis_url, nodes, state=back_to_back)
         supervisor = store._supervisor
         assert supervisor is not None
         for _ in range(rng.randrange(60)):
