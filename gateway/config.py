@@ -60,6 +60,9 @@ class ServerConfig:
     #: The gateway's own public base URL, used in pagination links it hands out. Unset: taken
     #: from each request's Host.
     public_url: str | None = None
+    #: Answer plain redirects straight from the connection (``fastlane``); off, every request
+    #: goes through aiohttp's handlers. The answers are the same.
+    fast_path: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,6 +479,7 @@ def _server(s: _Section) -> ServerConfig:
         max_path_bytes=s.get("max_path_bytes", d.max_path_bytes, _int(256, 65536)),
         max_header_bytes=s.get("max_header_bytes", d.max_header_bytes, _int(1024, 65536)),
         public_url=s.get("public_url", None, _http_url),
+        fast_path=s.get("fast_path", d.fast_path, _bool),
     )
 
 

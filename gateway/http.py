@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from gateway.answers import catalog_error, json_error, redirect_headers
 from gateway.catalog import CatalogError
@@ -24,7 +25,7 @@ from gateway.hfpath import FileRef, PathError, parse_resolve_path_remembered, re
 from gateway.logs import log_access, request_id
 from gateway.metalink import link_header, metalink_response, metalink_target
 from gateway.metrics import Outcome, RouteLabel
-from gateway.planner import UpstreamOnly, plan_route
+from gateway.planner import Plan, UpstreamOnly, plan_route
 from gateway.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import RUNTIME, Runtime
 from gateway.upstream import Rewrite, UpstreamError
@@ -52,8 +53,7 @@ def _describe_path(raw_path: str) -> str:
     return repr(raw_path if len(raw_path) <= 100 else raw_path[:100] + "...")
 
 
-def forwarding_headers(request: web.BaseRequest, config: ClientIPConfig) -> ForwardingHeaders:
-    headers = request.headers
+def forwarding_headers(headers: MultiMapping[str], config: ClientIPConfig) -> ForwardingHeaders:
     return ForwardingHeaders(
         forwarded=tuple(headers.getall(config.forwarded_header, ()))
         if config.forwarded_header != "none"
@@ -142,8 +142,7 @@ def _error_reason(exc: CatalogError) -> str:
     return _CAMEL_BOUNDARY.sub("_", exc.error_code).lower()
 
 
-def _record(
-    request: web.Request,
+def record_outcome(
     runtime: Runtime,
     outcome: Outcome,
     reason: str,
@@ -151,8 +150,8 @@ def _record(
     node: str | None = None,
     location: Location | None = None,
     decision_seconds: float | None = None,
-) -> None:
-    """One routing outcome, for metrics and the access log line."""
+) -> dict[str, Any] | None:
+    """Count one routing outcome; its fields for the access log line when that log is on."""
     country = location.country if location else None
     continent = location.continent if location else None
     runtime.metrics.decision(
@@ -163,13 +162,31 @@ def _record(
         continent=continent,
         decision_seconds=decision_seconds,
     )
-    if runtime.router.config.logging.access:
-        request[ACCESS_FIELDS] = {
-            "outcome": outcome,
-            "reason": reason,
-            "node": node or (UPSTREAM_NODE_NAME if outcome == "upstream" else None),
-            "country": country,
-        }
+    if not runtime.router.config.logging.access:
+        return None
+    return {
+        "outcome": outcome,
+        "reason": reason,
+        "node": node or (UPSTREAM_NODE_NAME if outcome == "upstream" else None),
+        "country": country,
+    }
+
+
+def _record(
+    request: web.Request,
+    runtime: Runtime,
+    outcome: Outcome,
+    reason: str,
+    *,
+    node: str | None = None,
+    location: Location | None = None,
+    decision_seconds: float | None = None,
+) -> None:
+    fields = record_outcome(
+        runtime, outcome, reason, node=node, location=location, decision_seconds=decision_seconds
+    )
+    if fields is not None:
+        request[ACCESS_FIELDS] = fields
 
 
 def parsed_or_error(
@@ -205,7 +222,7 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed(request)
     client = router.resolver.resolve_remembered(
-        request.remote, forwarding_headers(request, router.config.client_ip)
+        request.remote, forwarding_headers(request.headers, router.config.client_ip)
     )
     try:
         target, as_metalink = await metalink_target(runtime, ref, request.headers.get("Accept"))
@@ -224,27 +241,33 @@ async def resolve(request: web.Request) -> web.StreamResponse:
             return await _to_upstream(request, runtime, resolve_path_for(ref), "resolve")
         _record(request, runtime, "error", _error_reason(exc), location=location)
         return catalog_error(exc)
-    route, meta = plan.route, plan.meta
-    node = route.decision.node
-    _record(
-        request,
-        runtime,
-        "node" if node else "upstream",
-        "metalink" if as_metalink else route.decision.reason,
-        # A Metalink lists every source: it is not a redirect to one node.
-        node=node.id if node and not as_metalink else None,
-        location=route.location,
-        decision_seconds=plan.decision_seconds,
-    )
     if as_metalink:
+        route = plan.route
+        # A Metalink lists every source: it is not a redirect to one node.
+        _record(
+            request,
+            runtime,
+            "node" if route.decision.node else "upstream",
+            "metalink",
+            location=route.location,
+            decision_seconds=plan.decision_seconds,
+        )
         return metalink_response(runtime, plan)
-    store = runtime.store
-    if node is not None:
-        store.redirects.count(node.id)
+    headers = redirect_headers_for(runtime, plan)
+    fields = record_redirect(runtime, plan)
+    if fields is not None:
+        request[ACCESS_FIELDS] = fields
+    return web.Response(status=302, headers=headers)
+
+
+def redirect_headers_for(runtime: Runtime, plan: Plan) -> dict[str, str]:
+    """Every header of the redirect a plan makes, but the request id."""
+    router, route = runtime.router, plan.route
+    node = route.decision.node
     headers = redirect_headers(
         route.url,
         route.revision,
-        meta,
+        plan.meta,
         PRIVATE_CACHE_CONTROL,
         node.id if node else UPSTREAM_NODE_NAME,
     )
@@ -255,7 +278,24 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         headers["Cache-Control"] = router.shared_cache_control
         # cdn-geo mode guarantees the header is configured (checked at config load).
         headers["Vary"] = router.config.client_ip.cdn_country_header or ""
-    return web.Response(status=302, headers=headers)
+    return headers
+
+
+def record_redirect(runtime: Runtime, plan: Plan) -> dict[str, Any] | None:
+    """Count a redirect the plan makes (metrics, the node's load estimate); the access log's
+    fields for it when that log is on."""
+    route = plan.route
+    node = route.decision.node
+    if node is not None:
+        runtime.store.redirects.count(node.id)
+    return record_outcome(
+        runtime,
+        "node" if node else "upstream",
+        route.decision.reason,
+        node=node.id if node else None,
+        location=route.location,
+        decision_seconds=plan.decision_seconds,
+    )
 
 
 async def api(request: web.Request) -> web.StreamResponse:
@@ -310,14 +350,36 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         route_label(request.path), request.method, response.status, seconds
     )
     if runtime.router.config.logging.access:
-        fields: dict[str, Any] = {
-            "request_id": request[REQUEST_ID],
-            "method": request.method,
-            "path": request.rel_url.raw_path[:300],
-            "status": response.status,
-            "duration_ms": round(seconds * 1000, 3),
-            "peer": request.remote,
-        }
-        fields.update(request.get(ACCESS_FIELDS, {}))
-        log_access(fields)
+        log_request(
+            request[REQUEST_ID],
+            request.method,
+            request.rel_url.raw_path,
+            response.status,
+            seconds,
+            request.remote,
+            request.get(ACCESS_FIELDS),
+        )
     return response
+
+
+def log_request(
+    request_id: str,
+    method: str,
+    raw_path: str,
+    status: int,
+    seconds: float,
+    peer: str | None,
+    routing: dict[str, Any] | None,
+) -> None:
+    """The access log line of one answered request (``routing``: its outcome's fields)."""
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "method": method,
+        "path": raw_path[:300],
+        "status": status,
+        "duration_ms": round(seconds * 1000, 3),
+        "peer": peer,
+    }
+    if routing:
+        fields.update(routing)
+    log_access(fields)

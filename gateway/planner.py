@@ -44,6 +44,37 @@ async def revision_of(runtime: Runtime, ref: FileRef) -> RepoRevision:
     return await catalog.get(ref.repo_type, ref.repo_id, ref.revision)
 
 
+def _routed(
+    runtime: Runtime,
+    ref: FileRef,
+    revision: RepoRevision,
+    client: ClientAddress,
+    now: float | None,
+    full: bool,
+) -> tuple[Route, FileMeta, Mapping[str, str], float]:
+    """The route for a revision in hand, the file's entry at the upstream commit, the nodes'
+    other commits and the decision time. Raises ``UpstreamOnly`` and ``CatalogError``."""
+    if revision.upstream_only:
+        raise UpstreamOnly
+    meta = entry_for(revision, ref.filename)
+    pinned = ref.with_revision(revision.commit)
+    revisions = runtime.sync.revision_check(
+        pinned, ref.revision, time.time() if now is None else now
+    )
+    store = runtime.store
+    started = time.perf_counter()
+    route = runtime.router.route(
+        pinned,
+        client,
+        store.live.statuses,
+        store.redirects.current,
+        revisions,
+        changes=store.live,
+        full=full,
+    )
+    return route, meta, revisions.other_commits, time.perf_counter() - started
+
+
 async def plan_route(
     runtime: Runtime,
     ref: FileRef,
@@ -55,28 +86,25 @@ async def plan_route(
     """Raises ``CatalogError`` (unknown repo, revision or file; upstream unavailable) and
     ``UpstreamOnly``. ``full``: weigh every node (explain, Metalink), not just the front of
     the ranking that a redirect needs."""
-    router = runtime.router
     revision = await revision_of(runtime, ref)
-    if revision.upstream_only:
-        raise UpstreamOnly
-    meta = entry_for(revision, ref.filename)
-    pinned = ref.with_revision(revision.commit)
-    revisions = runtime.sync.revision_check(
-        pinned, ref.revision, time.time() if now is None else now
-    )
-    store = runtime.store
-    started = time.perf_counter()
-    route = router.route(
-        pinned,
-        client,
-        store.live.statuses,
-        store.redirects.current,
-        revisions,
-        changes=store.live,
-        full=full,
-    )
-    decision_seconds = time.perf_counter() - started
+    route, meta, others, seconds = _routed(runtime, ref, revision, client, now, full)
     if route.revision != revision.commit:
         older = await revision_of(runtime, ref.with_revision(route.revision))
         meta = entry_for(older, ref.filename)
-    return Plan(ref, revision, route, meta, revisions.other_commits, decision_seconds)
+    return Plan(ref, revision, route, meta, others, seconds)
+
+
+def plan_from_memory(runtime: Runtime, ref: FileRef, client: ClientAddress) -> Plan | None:
+    """``plan_route`` for a redirect, when every revision it reads is in the catalog's memory;
+    None when one is not (``plan_route`` then fetches it). Raises as ``plan_route`` does."""
+    catalog = runtime.catalog
+    revision = catalog.peek(ref.repo_type, ref.repo_id, ref.revision)
+    if revision is None:
+        return None
+    route, meta, others, seconds = _routed(runtime, ref, revision, client, None, False)
+    if route.revision != revision.commit:
+        older = catalog.peek(ref.repo_type, ref.repo_id, route.revision)
+        if older is None:
+            return None
+        meta = entry_for(older, ref.filename)
+    return Plan(ref, revision, route, meta, others, seconds)

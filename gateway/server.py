@@ -12,10 +12,13 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
@@ -25,6 +28,7 @@ from gateway.app import create_app
 from gateway.catalog import Catalog
 from gateway.collection import freeze_survivors
 from gateway.config import ConfigError, GatewayConfig
+from gateway.fastlane import answer_from_memory
 from gateway.geo import GeoDataError, MaxMindLocator
 from gateway.http import metrics_endpoint
 from gateway.probe import Prober
@@ -59,7 +63,70 @@ def _parser_error_message(exc: BaseException | None) -> str:
     return "the server could not handle this request"
 
 
-class _JsonErrorRequestHandler(RequestHandler):
+#: Answers a parsed request whole (status line to blank line), or None to leave it to aiohttp.
+FastAnswer = Callable[[RawRequestMessage, "str | None"], "bytes | None"]
+
+
+class GatewayRequestHandler(RequestHandler):
+    """aiohttp's connection, answering parser-level errors with JSON and plain redirects
+    through ``fast_answer`` (see ``fastlane``) without building a request."""
+
+    def __init__(self, manager: Server, *, fast_answer: FastAnswer | None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._fast_answer = fast_answer
+        self._peer: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # As aiohttp's ``request.remote``.
+        peername = transport.get_extra_info("peername")
+        if peername is not None:
+            self._peer = str(peername[0] if isinstance(peername, list | tuple) else peername)
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._waiter
+        if self._fast_answer is None or waiter is None or waiter.done() or self._messages:
+            # A request is in aiohttp's hands: the ones behind it wait their turn there.
+            super().data_received(data)
+            return
+        # The connection is idle. Parse without waking it, answer what can be answered here
+        # in order, and wake it only for the first request that cannot.
+        self._waiter = None
+        try:
+            super().data_received(data)
+        finally:
+            self._waiter = waiter
+        answered = self._answer_queued()
+        if answered:
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            if self._manager is not None:
+                self._manager.requests_count += answered
+        if self._messages and not waiter.done():
+            waiter.set_result(None)
+        if self._buffer_paused and len(self._messages) <= self._msg_queue_resume_size:
+            self._resume_reading_if_drained()
+
+    def _answer_queued(self) -> int:
+        assert self._fast_answer is not None
+        messages = self._messages
+        answered = 0
+        while messages and self.transport is not None and self._parser is not None:
+            message, payload = messages[0]
+            if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage):
+                break
+            try:
+                answer = self._fast_answer(message, self._peer)
+            except Exception:  # aiohttp's path answers it again, and a fault there with JSON
+                log.exception("fast path failed on %s %s", message.method, message.path[:100])
+                answer = None
+            if answer is None:
+                break
+            messages.popleft()
+            self._parser.message_consumed()
+            self.transport.write(answer)
+            answered += 1
+        return answered
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -79,33 +146,51 @@ class _JsonErrorRequestHandler(RequestHandler):
         return response
 
 
-class _JsonErrorServer(Server):
-    def __init__(self, base: Server, **handler_kwargs: Any) -> None:
+class _GatewayServer(Server):
+    def __init__(self, base: Server, fast_answer: FastAnswer | None, **handler_kwargs: Any) -> None:
         super().__init__(
             base.request_handler, request_factory=base.request_factory, **handler_kwargs
         )
+        self._fast_answer = fast_answer
         self._handler_kwargs = {
             k: v for k, v in handler_kwargs.items() if k != "handler_cancellation"
         }
 
     def __call__(self) -> RequestHandler:
-        return _JsonErrorRequestHandler(
-            self, loop=asyncio.get_running_loop(), **self._handler_kwargs
+        return GatewayRequestHandler(
+            self,
+            fast_answer=self._fast_answer,
+            loop=asyncio.get_running_loop(),
+            **self._handler_kwargs,
         )
 
 
 class GatewayRunner(web.AppRunner):
-    """An ``AppRunner`` whose connections answer parser-level errors with JSON."""
+    """An ``AppRunner`` whose connections answer parser-level errors with JSON, and plain
+    redirects through ``fast_answer`` when given."""
 
     def __init__(
-        self, app: web.Application, *, shutdown_timeout: float = 60.0, **handler_kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        shutdown_timeout: float = 60.0,
+        fast_answer: FastAnswer | None = None,
+        **handler_kwargs: Any,
     ) -> None:
         super().__init__(app, shutdown_timeout=shutdown_timeout, **handler_kwargs)
+        self._fast_answer = fast_answer
         self._handler_kwargs = handler_kwargs
 
     async def _make_server(self) -> Server:
         base = await super()._make_server()
-        return _JsonErrorServer(base, **self._handler_kwargs)
+        return _GatewayServer(base, self._fast_answer, **self._handler_kwargs)
+
+
+def fast_answer_for(runtime: Runtime) -> FastAnswer | None:
+    """The fast path's answers for the connections, when ``server.fast_path`` is on."""
+    if not runtime.router.config.server.fast_path:
+        return None
+    return partial(answer_from_memory, runtime)
 
 
 def handler_limits(config: GatewayConfig) -> dict[str, int]:
@@ -225,6 +310,7 @@ async def serve(
     app = create_app(build_runtime(router, metrics_dir=metrics_dir))
     runner = GatewayRunner(
         app,
+        fast_answer=fast_answer_for(app[RUNTIME]),
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=SHUTDOWN_GRACE_S,

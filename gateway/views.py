@@ -53,7 +53,7 @@ def _wants_html(request: web.Request) -> bool:
 def _client(request: web.Request, router: Router) -> tuple[ClientAddress, bool]:
     """The client to explain for, and whether an operator chose it."""
     client = router.resolver.resolve(
-        request.remote, forwarding_headers(request, router.config.client_ip)
+        request.remote, forwarding_headers(request.headers, router.config.client_ip)
     )
     ip_text, country = request.query.get("ip"), request.query.get("country")
     if ip_text is None and country is None:

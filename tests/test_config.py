@@ -93,6 +93,7 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
         ["responses.cache_mode", "client_ip.cdn_country_header"],
     ),
     ("load-deadband", {"state": {"load_deadband": 0.8}}, ["state.load_deadband", "0.0..0.5"]),
+    ("fast-path", {"server": {"fast_path": "yes"}}, ["server.fast_path", "true or false"]),
     ("upstream-scheme", {"upstream": {"url": "ftp://x"}}, ["upstream.url", "http"]),
     ("upstream-query", {"upstream": {"url": "https://x/?a=1"}}, ["upstream.url", "query"]),
     ("redis-scheme", {"redis": {"url": "http://r"}}, ["redis.url", "redis://"]),
