@@ -22,6 +22,7 @@ from test_http import BEIJING_IP, CONFIG_JSON, TOKYO_IP, US_IP, gateway_config
 
 from gateway.app import create_app
 from gateway.config import GeoIPConfig
+from gateway.fastlane import serialized_redirect
 from gateway.geo import MaxMindLocator
 from gateway.router import Router
 from gateway.runtime import RUNTIME
@@ -273,3 +274,28 @@ async def test_fast_answers_are_counted_and_logged_as_aiohttp_answers_are(
     assert lines[0]["node"] == "bj" and lines[0]["status"] == 302
     assert metrics[0] == metrics[1]
     assert metrics[0]
+
+
+VALUES = [
+    ("plain", "https://bj.mirror.test/a/b", True),
+    ("tab", "a\tb", True),
+    ("non-ascii", "café", True),
+    ("lf", "a\nX-Injected: 1", False),
+    ("cr", "a\rb", False),
+    ("nul", "a\x00b", False),
+    ("escape", "a\x1bb", False),
+    ("del", "a\x7fb", False),
+]
+
+
+@pytest.mark.parametrize(("value", "written"), [c[1:] for c in VALUES], ids=[c[0] for c in VALUES])
+@pytest.mark.parametrize("body", ["Content-Length: 0\r\n", ""], ids=["get", "head"])
+def test_a_value_aiohttp_would_refuse_is_never_written(
+    value: str, written: bool, body: str
+) -> None:
+    encoded = serialized_redirect({"Location": "https://x.test/f", "ETag": value}, body)
+    assert (encoded is not None) == written
+    if encoded is not None:
+        head = encoded.decode()
+        assert head.startswith("HTTP/1.1 302 Found\r\nLocation: https://x.test/f\r\n")
+        assert f"\r\nETag: {value}\r\n{body}Date: " in head and head.endswith("\r\n\r\n")
