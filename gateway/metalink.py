@@ -27,7 +27,7 @@ from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
 from gateway.hfpath import FileRef, resolve_path_for
 from gateway.memo import BoundedMemo
 from gateway.planner import Plan, revision_of
-from gateway.policy import Decision
+from gateway.policy import Candidate
 from gateway.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import Runtime
 from gateway.sync import Pieces
@@ -294,8 +294,10 @@ def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
     if not plan.node_revisions:
         # Every source has the routed commit: the header is fixed text around the file's path.
         decision = route.decision
+        # Only the first ``limit`` candidates can be named (the chosen node may be one of them).
+        named = decision.candidates[:limit]
         key = (
-            tuple([c.node.id for c in decision.candidates]),
+            tuple([c.node.id for c in named]),
             decision.node.id if decision.node else None,
             limit,
             described,
@@ -303,7 +305,7 @@ def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
         layouts = runtime.link_layouts
         layout = layouts.get(key)
         if layout is None:
-            layout = layouts.put(key, _layout(runtime, decision, limit, described))
+            layout = layouts.put(key, _layout(runtime, decision.node, named, limit, described))
         if layout:
             return default_path(ref.with_revision(route.revision)).join(layout) or None
     return _links(runtime, plan, limit, described)
@@ -331,14 +333,19 @@ def _duplicate(url: str, priority: int, location: str | None) -> str:
 _PATH_MARK = "\x00"
 
 
-def _layout(runtime: Runtime, decision: Decision, limit: int, described: bool) -> tuple[str, ...]:
+def _layout(
+    runtime: Runtime,
+    chosen: NodeConfig | None,
+    candidates: Sequence[Candidate],
+    limit: int,
+    described: bool,
+) -> tuple[str, ...]:
     """``_links`` as the text around each place the file's path goes, when every named node
-    has the routed commit; empty when a node's URL template puts something else there."""
-    candidates = decision.candidates
+    has the routed commit; empty when a node's URL template puts something else there.
+    ``candidates``: the decision's first ``limit``, the only ones a redirect may name."""
     if any(c.node.url_template != DEFAULT_URL_TEMPLATE for c in candidates):
         return ()
     links = []
-    chosen = decision.node
     if chosen is not None and limit > 0:
         # Priorities as ``_node_sources`` numbers them: every candidate has the file.
         others = [

@@ -344,12 +344,20 @@ async def test_redirect_names_duplicates_and_its_metalink(world: World) -> None:
     ]
 
 
-@pytest.mark.parametrize("n2_template", [None, "{base}/files/{repo}@{revision}/{path}"])
+OWN_LAYOUT = "{base}/files/{repo}@{revision}/{path}"
+
+
+@pytest.mark.parametrize(
+    ("n2_template", "n4_template"),
+    [(None, None), (OWN_LAYOUT, None), (None, OWN_LAYOUT)],
+    ids=["default-layouts", "named-node-own-layout", "unnamed-node-own-layout"],
+)
 async def test_duplicates_are_bounded_and_end_with_upstream(
     aiohttp_client: AiohttpClient,
     geoip_config: GeoIPConfig,
     fake_hub: FakeHub,
     n2_template: str | None,
+    n4_template: str | None,
 ) -> None:
     nodes = [
         {"id": f"n{i}", "url": f"https://n{i}.mirror.test", "country": "CN",
@@ -358,6 +366,9 @@ async def test_duplicates_are_bounded_and_end_with_upstream(
     ]  # fmt: skip
     if n2_template:
         nodes[2]["url_template"] = n2_template
+    if n4_template:
+        # Never named: its layout must not change the header.
+        nodes[4]["url_template"] = n4_template
     config = gateway_config(geoip_config, fake_hub.url, nodes=nodes, routing={"near_equal_km": 0})
     client = await gateway_client(aiohttp_client, config)
     for _ in range(2):  # the second answer from what the first one worked out
