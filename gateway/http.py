@@ -172,21 +172,10 @@ def record_outcome(
     }
 
 
-def _record(
-    request: web.Request,
-    runtime: Runtime,
-    outcome: Outcome,
-    reason: str,
-    *,
-    node: str | None = None,
-    location: Location | None = None,
-    decision_seconds: float | None = None,
-) -> None:
-    fields = record_outcome(
-        runtime, outcome, reason, node=node, location=location, decision_seconds=decision_seconds
-    )
-    if fields is not None:
-        request[ACCESS_FIELDS] = fields
+def _remember(request: web.Request, routing: dict[str, Any] | None) -> None:
+    """Keep a routing outcome's fields for the request's access log line (``observe``)."""
+    if routing is not None:
+        request[ACCESS_FIELDS] = routing
 
 
 def parsed_or_error(
@@ -230,33 +219,35 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     except UpstreamOnly:
         # Private and gated files need the client's token: only upstream may see it.
         location = router.locate(client)[0]
-        _record(request, runtime, "upstream", "private_or_gated", location=location)
+        _remember(
+            request, record_outcome(runtime, "upstream", "private_or_gated", location=location)
+        )
         return await _to_upstream(request, runtime, resolve_path_for(ref), "resolve")
     except CatalogError as exc:
         location = router.locate(client)[0]
         if exc.error_code in _NEEDS_TOKEN and "Authorization" in request.headers:
             # Hidden from our tokenless catalog (private, or gated files), but maybe not from
             # this client's token: upstream decides.
-            _record(request, runtime, "upstream", "token_holder", location=location)
+            _remember(
+                request, record_outcome(runtime, "upstream", "token_holder", location=location)
+            )
             return await _to_upstream(request, runtime, resolve_path_for(ref), "resolve")
-        _record(request, runtime, "error", _error_reason(exc), location=location)
+        _remember(request, record_outcome(runtime, "error", _error_reason(exc), location=location))
         return catalog_error(exc)
     if as_metalink:
         route = plan.route
         # A Metalink lists every source: it is not a redirect to one node.
-        _record(
-            request,
+        routing = record_outcome(
             runtime,
             "node" if route.decision.node else "upstream",
             "metalink",
             location=route.location,
             decision_seconds=plan.decision_seconds,
         )
+        _remember(request, routing)
         return metalink_response(runtime, plan)
     headers = redirect_headers_for(runtime, plan)
-    fields = record_redirect(runtime, plan)
-    if fields is not None:
-        request[ACCESS_FIELDS] = fields
+    _remember(request, record_redirect(runtime, plan))
     return web.Response(status=302, headers=headers)
 
 
