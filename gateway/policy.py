@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Literal, NamedTuple, TypeVar
 
 from gateway.config import TIER_ORDER, NodeConfig, RoutingConfig
@@ -697,7 +697,30 @@ _Take = Callable[[Tier, int, bool], list[Candidate] | None]
 
 #: The near-equal pool of the best tier that has a candidate, and the candidates a decision
 #: lists (``keep`` of them, from that tier and later ones).
-FirstPool = tuple[list[Candidate], tuple[Candidate, ...]]
+class PoolDraw(NamedTuple):
+    """A near-equal pool, split for drawing: done once per pool, as a settled pool is drawn
+    from by every request of its cell."""
+
+    pool: Sequence[Candidate]
+    #: The pool's cache nodes; they compete as one group (``choose``).
+    caches: tuple[Candidate, ...]
+    #: One group per other node, in pool order; the caches' group, when any, comes after.
+    singles: tuple[tuple[Candidate], ...]
+    #: Running totals of the singles' weights, as ``random.choices`` adds them up.
+    cumulative: tuple[float, ...]
+
+
+def pool_draw(pool: Sequence[Candidate]) -> PoolDraw:
+    others = [c for c in pool if c.node.kind != "cache"]
+    return PoolDraw(
+        pool,
+        tuple(c for c in pool if c.node.kind == "cache"),
+        tuple((c,) for c in others),
+        tuple(accumulate(c.node.weight for c in others)),
+    )
+
+
+FirstPool = tuple[PoolDraw, tuple[Candidate, ...]]
 
 
 def _first_pool(
@@ -725,7 +748,7 @@ def _first_pool(
             if more is None:
                 return None
             shown += more[:need]
-        return pool, tuple(shown)
+        return pool_draw(pool), tuple(shown)
     return None
 
 
@@ -740,8 +763,8 @@ def _choose_first(
 ) -> Decision:
     """The draw in ``_first_pool``'s pool. Drawn only once the pool is known, so that a
     ``take`` that cannot tell (and the walk that then decides) leaves the RNG as it was."""
-    pool, shown = found
-    chosen = _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+    draw, shown = found
+    chosen = _choose_in_pool(draw, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
     assert chosen is not None  # the pool is not empty
     return Decision(chosen.node, _TIER_REASON[chosen.tier], shown, ())
 
@@ -956,12 +979,12 @@ def choose(
     a cache already holding the file wins over cold ones (``warm_caches``), and the file
     ``key`` picks among them by bounded-load rendezvous over ``recent`` redirect counts.
     """
-    pool = near_equals(candidates, policy)
-    return _choose_in_pool(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+    draw = pool_draw(near_equals(candidates, policy))
+    return _choose_in_pool(draw, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
 
 
 def _choose_in_pool(
-    pool: Sequence[Candidate],
+    draw: PoolDraw,
     policy: RoutingConfig,
     rng: random.Random,
     *,
@@ -969,15 +992,18 @@ def _choose_in_pool(
     recent: Mapping[str, int] | None,
     warm_caches: Container[str],
 ) -> Candidate | None:
+    pool = draw.pool
     if len(pool) <= 1:
         return pool[0] if pool else None
-    caches = [c for c in pool if c.node.kind == "cache"]
-    warm = [c for c in caches if c.node.id in warm_caches]
-    caches = warm or caches
-    others = [c for c in pool if c.node.kind != "cache"]
-    groups: list[list[Candidate]] = [[c] for c in others] + ([caches] if caches else [])
-    weights = [sum(c.node.weight for c in group) for group in groups]
-    group = groups[0] if len(groups) == 1 else rng.choices(groups, weights=weights)[0]
+    groups: Sequence[Sequence[Candidate]] = draw.singles
+    cumulative: Sequence[float] = draw.cumulative
+    caches = draw.caches
+    if caches:
+        caches = tuple(c for c in caches if c.node.id in warm_caches) or caches
+        groups = (*groups, caches)
+        before = cumulative[-1] if cumulative else 0
+        cumulative = (*cumulative, before + sum(c.node.weight for c in caches))
+    group = groups[0] if len(groups) == 1 else rng.choices(groups, cum_weights=cumulative)[0]
     if len(group) == 1:
         return group[0]
     chosen = bounded_rendezvous([c.node for c in group], key, recent or {}, policy.cache_load_bound)
