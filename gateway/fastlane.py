@@ -9,8 +9,8 @@ headers as the ``resolve`` handler, in the bytes aiohttp would have written.
 
 Anything else gets None and takes aiohttp's path: other endpoints, a percent-encoded first path
 segment, methods other than GET and HEAD, HTTP/1.0 and ``Connection: close`` (aiohttp words the
-closing), Metalink, a revision not in memory, private files, catalog errors, and any header
-value aiohttp would refuse to write.
+closing), protocol upgrades, Metalink, a revision not in memory, private files, catalog errors,
+and any header value aiohttp would refuse to write.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def answer_from_memory(
     this path does not answer (nothing is counted then)."""
     started = time.perf_counter()
     body = _EMPTY_BODY.get(message.method)
-    if body is None or message.version != HttpVersion11 or message.should_close:
+    if body is None or message.version != HttpVersion11 or message.should_close or message.upgrade:
         return None
     raw_path = message.url.raw_path
     router = runtime.router

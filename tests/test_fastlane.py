@@ -214,6 +214,7 @@ STEP_ASIDE = [
     ("connection-close", request(CONFIG_JSON, Connection="close")),
     ("body", request(CONFIG_JSON, Content_Length="3") + b"abc"),
     ("metalink", request(CONFIG_JSON, Accept="application/metalink4+xml")),
+    ("upgrade", request(CONFIG_JSON, Connection="Upgrade", Upgrade="websocket")),
     ("encoded-first-segment", request("/%61cme/tiny-model/resolve/main/config.json")),
 ]
 
