@@ -84,12 +84,14 @@ MakeGateway = Callable[..., Awaitable[Gateway]]
 async def make_gateway(geoip_config: GeoIPConfig, fake_hub: FakeHub) -> AsyncIterator[MakeGateway]:
     servers: list[TestServer] = []
 
-    async def make(fast: bool = True, fail: bool = False, **sections: Any) -> Gateway:
+    async def make(
+        fast: bool = True, fail: bool = False, keepalive_s: float = 75.0, **sections: Any
+    ) -> Gateway:
         sections.setdefault("server", {})["fast_path"] = fast
         config = gateway_config(geoip_config, fake_hub.url, **sections)
         router = Router(config, MaxMindLocator(config.geoip), random.Random(1))
         server = _Server(create_app(build_runtime(router)), fail)
-        await server.start_server()
+        await server.start_server(keepalive_timeout=keepalive_s)
         servers.append(server)
         return Gateway(server, server.counted)
 
@@ -207,6 +209,26 @@ async def test_requests_behind_one_in_aiohttp_hands_wait_for_it(
     assert b"/datasets/acme/data/resolve/" in first
     assert b"/acme/tiny-model/resolve/" in second
     assert gateway.answered_fast == 0
+
+
+async def test_a_busy_connection_stays_open_and_an_idle_one_closes(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(keepalive_s=0.4)
+    await warm(gateway)
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    beijing = request(CONFIG_JSON, X_Forwarded_For=BEIJING_IP)
+    try:
+        # Busy for three times the keep-alive time, answered by the connection alone...
+        for _ in range(12):
+            writer.write(beijing)
+            assert b" 302 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            await asyncio.sleep(0.1)
+        assert gateway.answered_fast == 12
+        # ...then idle: closed once the keep-alive time has passed.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
 
 
 STEP_ASIDE = [
