@@ -31,7 +31,8 @@ from test_store import (
 )
 
 import gateway.store
-from gateway.config import NodeConfig, RedisConfig, StateConfig
+from gateway.config import NodeConfig, ProbingConfig, RedisConfig, StateConfig
+from gateway.probe import Prober
 from gateway.state import (
     AdminMode,
     AdminRecord,
@@ -406,3 +407,25 @@ async def test_close_in_the_middle_of_resyncs_always_stops_the_store(
                 supervisor.cancel()
                 await asyncio.sleep(0.01)
             pytest.fail(f"close {attempt} left the store's supervisor running")
+
+
+async def test_cancelling_a_prober_at_any_moment_stops_it(
+    make_store: MakeStore, redis_url: str
+) -> None:
+    """The prober's lock calls go through the same sends: a cancellation they swallow must
+    still end its loop. With no node to probe and rounds back to back, a round is mostly its
+    lock call; each run is cancelled after a random number of event loop turns."""
+    back_to_back = ProbingConfig(interval_s=0.0001)
+    store = await make_store(redis_url, ())
+    rng = random.Random(7)
+    for attempt in range(4 * ATTEMPTS):
+        task = asyncio.create_task(Prober((), back_to_back, store).run())
+        for _ in range(rng.randrange(40)):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2)
+        if not done:
+            while not task.done():
+                task.cancel()
+                await asyncio.sleep(0.01)
+            pytest.fail(f"cancel {attempt} left the prober running")
