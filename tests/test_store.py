@@ -95,6 +95,25 @@ class MakeStore(Protocol):
     ) -> Awaitable[RedisStore]: ...
 
 
+def new_store(
+    url: str,
+    nodes: Sequence[NodeConfig],
+    name: str,
+    *,
+    clock: Callable[[], float] = time.time,
+    state: StateConfig = STATE,
+) -> RedisStore:
+    """A ``RedisStore`` (instance id ``name``) on the test server's keys, not started."""
+    config = RedisConfig(
+        url=url,
+        key_prefix=PREFIX,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        command_timeout_s=COMMAND_TIMEOUT_S,
+    )
+    live = LiveState(nodes, vantage="v1", probing=True)
+    return RedisStore(live, RedirectCounter(), config, state, nodes, instance_id=name, clock=clock)
+
+
 @pytest.fixture
 async def make_store() -> AsyncIterator[MakeStore]:
     """Started ``RedisStore``s (instance id = name) that are closed after the test."""
@@ -107,16 +126,7 @@ async def make_store() -> AsyncIterator[MakeStore]:
         nodes: Sequence[NodeConfig] = NODES,
         clock: Callable[[], float] = time.time,
     ) -> RedisStore:
-        config = RedisConfig(
-            url=url,
-            key_prefix=PREFIX,
-            connect_timeout_s=CONNECT_TIMEOUT_S,
-            command_timeout_s=COMMAND_TIMEOUT_S,
-        )
-        live = LiveState(nodes, vantage="v1", probing=True)
-        store = RedisStore(
-            live, RedirectCounter(), config, STATE, nodes, instance_id=name, clock=clock
-        )
+        store = new_store(url, nodes, name, clock=clock)
         made.append(store)
         await store.start()
         return store

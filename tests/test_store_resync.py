@@ -20,26 +20,23 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.typing import EncodableT, KeyT
 from test_store import (
-    COMMAND_TIMEOUT_S,
-    CONNECT_TIMEOUT_S,
     PREFIX,
     STATE,
     FakeClock,
     as_hash,
     eventually,
+    new_store,
     probe,
 )
 
 import gateway.store
-from gateway.config import NodeConfig, ProbingConfig, RedisConfig, StateConfig
+from gateway.config import NodeConfig, ProbingConfig, StateConfig
 from gateway.probe import Prober
 from gateway.state import (
     AdminMode,
     AdminRecord,
-    LiveState,
     LoadRecord,
     ProbeRecord,
-    RedirectCounter,
 )
 from gateway.store import SETTLE_S, Record, RecordKind, RedisStore, encode_record
 
@@ -73,16 +70,7 @@ async def make_store() -> AsyncIterator[MakeStore]:
         state: StateConfig = STATE,
         name: str = "reader",
     ) -> RedisStore:
-        config = RedisConfig(
-            url=url,
-            key_prefix=PREFIX,
-            connect_timeout_s=CONNECT_TIMEOUT_S,
-            command_timeout_s=COMMAND_TIMEOUT_S,
-        )
-        live = LiveState(nodes, vantage="v1", probing=True)
-        store = RedisStore(
-            live, RedirectCounter(), config, state, nodes, instance_id=name, clock=clock
-        )
+        store = new_store(url, nodes, name, clock=clock, state=state)
         made.append(store)
         await store.start()
         return store
