@@ -96,21 +96,26 @@ class GatewayRequestHandler(RequestHandler):
             super().data_received(data)
         finally:
             self._waiter = waiter
-        answered = self._answer_queued()
-        if answered:
-            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
-            if self._manager is not None:
-                self._manager.requests_count += answered
+        # A full queue paused reading and left the rest of the read in the parser: a flood of
+        # pipelined requests, which aiohttp's handler loop takes in, a queue's worth at a time.
+        if not self._buffer_paused:
+            answered = self._answer_queued()
+            if answered:
+                self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                if self._manager is not None:
+                    self._manager.requests_count += answered
         if self._messages and not waiter.done():
             waiter.set_result(None)
-        if self._buffer_paused and len(self._messages) <= self._msg_queue_resume_size:
-            self._resume_reading_if_drained()
 
     def _answer_queued(self) -> int:
         assert self._fast_answer is not None
         messages = self._messages
         answered = 0
         while messages and self.transport is not None and self._parser is not None:
+            if self.writing_paused:
+                # The client is not reading its answers: leave the rest to aiohttp, whose
+                # handlers wait for the buffer to drain and whose queue stops the reading.
+                break
             message, payload = messages[0]
             if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage):
                 break

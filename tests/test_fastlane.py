@@ -231,6 +231,40 @@ async def test_a_busy_connection_stays_open_and_an_idle_one_closes(
         writer.close()
 
 
+async def test_a_client_that_does_not_read_cannot_pile_up_answers(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway()
+    await warm(gateway)
+    count = 20_000  # about 26 MB of answers, past what socket buffers hold
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+
+    async def send() -> None:
+        # A few requests per write: each read leaves the queue short of full, so the
+        # connection keeps answering them itself (a queue-filling read goes to aiohttp).
+        batch = request(CONFIG_JSON, X_Forwarded_For=BEIJING_IP) * 8
+        for _ in range(count // 8):
+            writer.write(batch)
+            await writer.drain()
+            await asyncio.sleep(0)  # the gateway reads each batch on its own
+
+    sending = asyncio.create_task(send())
+    try:
+        answered = -1
+        while gateway.answered_fast != answered:
+            answered = gateway.answered_fast
+            await asyncio.sleep(0.3)
+        # Stalled on the unread answers rather than buffering all of them.
+        assert 0 < answered < count
+        for _ in range(count):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 302 ") and b"X-Mirror-Node: bj\r\n" in head
+        await sending
+    finally:
+        sending.cancel()
+        writer.close()
+
+
 STEP_ASIDE = [
     ("http-1.0", b"GET " + CONFIG_JSON.encode() + b" HTTP/1.0\r\n\r\n"),
     ("connection-close", request(CONFIG_JSON, Connection="close")),
