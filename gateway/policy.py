@@ -695,8 +695,6 @@ def decide_ranked(
 _Take = Callable[[Tier, int, bool], list[Candidate] | None]
 
 
-#: The near-equal pool of the best tier that has a candidate, and the candidates a decision
-#: lists (``keep`` of them, from that tier and later ones).
 class PoolDraw(NamedTuple):
     """A near-equal pool, split for drawing: done once per pool, as a settled pool is drawn
     from by every request of its cell."""
@@ -720,6 +718,8 @@ def pool_draw(pool: Sequence[Candidate]) -> PoolDraw:
     )
 
 
+#: The near-equal pool of the best tier that has a candidate, and the candidates a decision
+#: lists (``keep`` of them, from that tier and later ones).
 FirstPool = tuple[PoolDraw, tuple[Candidate, ...]]
 
 
