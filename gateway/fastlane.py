@@ -16,12 +16,17 @@ and any header value aiohttp would refuse to write.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
+from multidict import CIMultiDictProxy
 
-from gateway.catalog import CatalogError
+from gateway.answers import redirect_headers
+from gateway.catalog import CatalogError, FileMeta, RepoRevision, entry_for
+from gateway.clientip import ClientAddress
+from gateway.geo import Location
 from gateway.hfpath import PARSED_PATHS, FileRef, PathError, parse_resolve_path_remembered
 from gateway.http import (
     forwarding_headers,
@@ -32,9 +37,12 @@ from gateway.http import (
 )
 from gateway.logs import request_id
 from gateway.memo import BoundedMemo
-from gateway.metalink import METALINK_SUFFIX, wants_metalink
-from gateway.planner import UpstreamOnly, plan_from_memory
+from gateway.metalink import METALINK_SUFFIX, link_layout, links_metalink, wants_metalink
+from gateway.planner import Plan, UpstreamOnly, plan_from_memory
+from gateway.policy import Decision
+from gateway.router import PRIVATE_CACHE_CONTROL, Route
 from gateway.runtime import Runtime
+from gateway.targets import default_path, node_url
 
 #: What aiohttp's writer refuses in a header value (a value must not be able to add a header):
 #: every control character but tab.
@@ -44,6 +52,29 @@ _plain_files: BoundedMemo[tuple[str, int], FileRef] = BoundedMemo(PARSED_PATHS)
 _STATUS_LINE = "HTTP/1.1 302 Found\r\n"
 #: aiohttp writes no length for a HEAD answer without a body.
 _EMPTY_BODY = {"GET": "Content-Length: 0\r\n", "HEAD": ""}
+#: Stands for the node's parts while a file's text is made: no header value holds it.
+_NODE_MARK = "\x00"
+
+
+class _FileText(NamedTuple):
+    """A redirect's text for one file, around the chosen node's parts: made once per catalog
+    entry, as every client of every node asks for the same files."""
+
+    #: The catalog entry it was made from: a newer one makes it anew.
+    revision: RepoRevision
+    pinned: FileRef
+    meta: FileMeta
+    #: What the default URL template puts after a base URL (``Link`` goes around it).
+    path: str
+    #: The status line and headers before the ``Location`` URL, between it and the node's id,
+    #: and after that id.
+    parts: tuple[str, str, str]
+    #: Whether the ``Link`` header names the file's Metalink.
+    described: bool
+
+
+#: Files redirected to from a settled pool, by the file as requested.
+_file_texts: BoundedMemo[FileRef, _FileText] = BoundedMemo(PARSED_PATHS)
 
 
 def _dispatched_to_resolve(raw_path: str) -> bool:
@@ -72,24 +103,140 @@ def _plain_file(raw_path: str, max_path_bytes: int) -> FileRef | None:
     return _plain_files.put(key, ref)
 
 
+def _header_lines(headers: dict[str, str]) -> str:
+    return "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+
+
+def _only_line_ends(encoded: bytes, line_ends: int) -> bool:
+    """Whether the only control bytes in ``encoded`` are its ``line_ends`` CRLFs: a value
+    holding any other control character but tab is refused, as aiohttp's writer refuses it."""
+    return len(encoded) - len(encoded.translate(None, _CONTROL_BYTES)) == 2 * line_ends
+
+
+def _date_and_server() -> str:
+    return f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+
+
 def serialized_redirect(headers: dict[str, str], body: str) -> bytes | None:
     """A 302 with ``headers`` as aiohttp writes it (``body``: its length line, or none for
     HEAD); None when a value holds a control character other than tab, which aiohttp refuses."""
-    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
-    encoded = "".join(
-        [
-            _STATUS_LINE,
-            *lines,
-            body,
-            f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n",
-        ]
-    ).encode()
-    # The only control bytes must be the line ends: the status line's, each header's, the
-    # body's length line's, the date's, the server's and the blank line's.
-    line_ends = len(lines) + 4 + body.count("\n")
-    if len(encoded) - len(encoded.translate(None, _CONTROL_BYTES)) != 2 * line_ends:
+    encoded = "".join([_STATUS_LINE, _header_lines(headers), body, _date_and_server()]).encode()
+    # The status line's, each header's, the body's length line's, the date's, the server's and
+    # the blank line's.
+    line_ends = len(headers) + 4 + body.count("\n")
+    return encoded if _only_line_ends(encoded, line_ends) else None
+
+
+def _file_text(revision: RepoRevision, ref: FileRef) -> _FileText | None:
+    """None when the file is not in the entry, or a value upstream gave is not fit for a
+    header (the planned path then finds the same)."""
+    try:
+        meta = entry_for(revision, ref.filename)
+        pinned = ref.with_revision(revision.commit)
+    except (CatalogError, PathError):
         return None
-    return encoded
+    headers = redirect_headers(_NODE_MARK, revision.commit, meta, PRIVATE_CACHE_CONTROL, _NODE_MARK)
+    text = _STATUS_LINE + _header_lines(headers)
+    # Each mark is a control character too.
+    if not _only_line_ends(text.encode(), len(headers) + 2):
+        return None
+    before, between, after = text.split(_NODE_MARK)
+    return _FileText(
+        revision,
+        pinned,
+        meta,
+        default_path(pinned),
+        (before, between, after),
+        links_metalink(revision.files, ref.filename),
+    )
+
+
+class _Answer(NamedTuple):
+    encoded: bytes
+    request_id: str
+    decision: Decision
+    #: The client's.
+    location: Location
+    decision_seconds: float
+
+
+def _settled_answer(
+    runtime: Runtime, ref: FileRef, client: ClientAddress, headers: CIMultiDictProxy[str], body: str
+) -> _Answer | None:
+    """The answer when the client's pool is settled (``Router.settled``): the one the planned
+    path gives, from text made once per file and per set of named nodes."""
+    revision = runtime.catalog.peek(ref.repo_type, ref.repo_id, ref.revision)
+    if revision is None or revision.upstream_only:
+        return None
+    router = runtime.router
+    location, from_cdn_only = router.locate(client)
+    if from_cdn_only:
+        return None  # a shared answer, with its own caching headers
+    file = _file_texts.get(ref)
+    if file is None or file.revision is not revision:
+        file = _file_text(revision, ref)
+        if file is None:
+            return None
+        _file_texts.put(ref, file)
+    live = runtime.store.live
+    started = time.perf_counter()
+    decision = router.settled(location, live.statuses, live, runtime.sync)
+    seconds = time.perf_counter() - started
+    if decision is None:
+        return None
+    node = decision.node
+    assert node is not None  # a settled decision names a node
+    url = node_url(node, file.pinned)
+    layout = link_layout(runtime, decision, router.config.responses.duplicate_links, file.described)
+    if not layout:
+        # A named node's own URL template: the links come from the plan this decision makes.
+        route = Route(
+            client, location, decision, node_url(node, file.pinned), revision.commit, False
+        )
+        plan = Plan(ref, revision, route, file.meta, {}, seconds)
+        return _answer_for(runtime, plan, headers, body)
+    links = file.path.join(layout)
+    before, between, after = file.parts
+    the_id = request_id(headers.get("X-Request-ID"))
+    # Nothing here to check for control characters: the file's text was checked, the URL and
+    # node id come from the config (which refuses them) and the request id is a token.
+    text = "".join(
+        [
+            before,
+            url,
+            between,
+            node.id,
+            after,
+            f"Link: {links}\r\n" if links else "",
+            f"X-Request-ID: {the_id}\r\n",
+            body,
+            _date_and_server(),
+        ]
+    )
+    return _Answer(text.encode(), the_id, decision, location, seconds)
+
+
+def _answer_for(
+    runtime: Runtime, plan: Plan, headers: CIMultiDictProxy[str], body: str
+) -> _Answer | None:
+    answer = redirect_headers_for(runtime, plan)
+    answer["X-Request-ID"] = the_id = request_id(headers.get("X-Request-ID"))
+    encoded = serialized_redirect(answer, body)
+    if encoded is None:
+        return None
+    route = plan.route
+    return _Answer(encoded, the_id, route.decision, route.location, plan.decision_seconds)
+
+
+def _planned_answer(
+    runtime: Runtime, ref: FileRef, client: ClientAddress, headers: CIMultiDictProxy[str], body: str
+) -> _Answer | None:
+    """The answer from the request's plan, when every revision it reads is in memory."""
+    try:
+        plan = plan_from_memory(runtime, ref, client)
+    except (CatalogError, UpstreamOnly):
+        return None
+    return None if plan is None else _answer_for(runtime, plan, headers, body)
 
 
 def answer_from_memory(
@@ -110,20 +257,14 @@ def answer_from_memory(
     client = router.resolver.resolve_remembered(
         peer, forwarding_headers(headers, router.config.client_ip)
     )
-    try:
-        plan = plan_from_memory(runtime, ref, client)
-    except (CatalogError, UpstreamOnly):
+    answer = _settled_answer(runtime, ref, client, headers, body) or _planned_answer(
+        runtime, ref, client, headers, body
+    )
+    if answer is None:
         return None
-    if plan is None:
-        return None
-    answer = redirect_headers_for(runtime, plan)
-    answer["X-Request-ID"] = the_id = request_id(headers.get("X-Request-ID"))
-    encoded = serialized_redirect(answer, body)
-    if encoded is None:
-        return None
-    routing = record_redirect(runtime, plan)
+    routing = record_redirect(runtime, answer.decision, answer.location, answer.decision_seconds)
     seconds = time.perf_counter() - started
     runtime.metrics.request_done("resolve", message.method, 302, seconds)
     if routing is not None:
-        log_request(the_id, message.method, raw_path, 302, seconds, peer, routing)
-    return encoded
+        log_request(answer.request_id, message.method, raw_path, 302, seconds, peer, routing)
+    return answer.encoded

@@ -26,6 +26,7 @@ from gateway.logs import log_access, request_id
 from gateway.metalink import link_header, metalink_response, metalink_target
 from gateway.metrics import Outcome, RouteLabel
 from gateway.planner import Plan, UpstreamOnly, plan_route
+from gateway.policy import Decision
 from gateway.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import RUNTIME, Runtime
 from gateway.upstream import Rewrite, UpstreamError
@@ -247,7 +248,9 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         _remember(request, routing)
         return metalink_response(runtime, plan)
     headers = redirect_headers_for(runtime, plan)
-    _remember(request, record_redirect(runtime, plan))
+    route = plan.route
+    routing = record_redirect(runtime, route.decision, route.location, plan.decision_seconds)
+    _remember(request, routing)
     return web.Response(status=302, headers=headers)
 
 
@@ -272,20 +275,21 @@ def redirect_headers_for(runtime: Runtime, plan: Plan) -> dict[str, str]:
     return headers
 
 
-def record_redirect(runtime: Runtime, plan: Plan) -> dict[str, Any] | None:
-    """Count a redirect the plan makes (metrics, the node's load estimate); the access log's
-    fields for it when that log is on."""
-    route = plan.route
-    node = route.decision.node
+def record_redirect(
+    runtime: Runtime, decision: Decision, location: Location, decision_seconds: float
+) -> dict[str, Any] | None:
+    """Count a redirect (metrics, the node's load estimate); the access log's fields for it
+    when that log is on."""
+    node = decision.node
     if node is not None:
         runtime.store.redirects.count(node.id)
     return record_outcome(
         runtime,
         "node" if node else "upstream",
-        route.decision.reason,
+        decision.reason,
         node=node.id if node else None,
-        location=route.location,
-        decision_seconds=plan.decision_seconds,
+        location=location,
+        decision_seconds=decision_seconds,
     )
 
 

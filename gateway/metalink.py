@@ -27,7 +27,7 @@ from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
 from gateway.hfpath import FileRef, resolve_path_for
 from gateway.memo import BoundedMemo
 from gateway.planner import Plan, revision_of
-from gateway.policy import Candidate
+from gateway.policy import Candidate, Decision
 from gateway.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import Runtime
 from gateway.sync import Pieces
@@ -289,26 +289,39 @@ def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
     """RFC 6249 links for a redirect: up to ``limit`` other sources (the last one upstream, the
     source every client can fall back on) and the Metalink, or None when there is nothing."""
     route, ref = plan.route, plan.ref
-    listing = _listing(runtime, plan, route.revision)
-    described = listing is not None and ref.filename + METALINK_SUFFIX not in listing
+    described = links_metalink(_listing(runtime, plan, route.revision), ref.filename)
     if not plan.node_revisions:
-        # Every source has the routed commit: the header is fixed text around the file's path.
-        decision = route.decision
-        # Only the first ``limit`` candidates can be named (the chosen node may be one of them).
-        named = decision.candidates[:limit]
-        key = (
-            tuple([c.node.id for c in named]),
-            decision.node.id if decision.node else None,
-            limit,
-            described,
-        )
-        layouts = runtime.link_layouts
-        layout = layouts.get(key)
-        if layout is None:
-            layout = layouts.put(key, _layout(runtime, decision.node, named, limit, described))
+        layout = link_layout(runtime, route.decision, limit, described)
         if layout:
             return default_path(ref.with_revision(route.revision)).join(layout) or None
     return _links(runtime, plan, limit, described)
+
+
+def links_metalink(listing: Mapping[str, FileMeta] | None, filename: str) -> bool:
+    """Whether a redirect links the file's Metalink: not when the repository's files at the
+    routed commit are unknown, or hold a file of the Metalink's name (which it would hide)."""
+    return listing is not None and filename + METALINK_SUFFIX not in listing
+
+
+def link_layout(
+    runtime: Runtime, decision: Decision, limit: int, described: bool
+) -> tuple[str, ...]:
+    """``link_header``'s text around the file's path, when every source has the routed commit
+    (it is then fixed for the nodes the decision names); empty when a named node's URL template
+    puts something else there. ``described``: whether the Metalink link goes in."""
+    # Only the first ``limit`` candidates can be named (the chosen node may be one of them).
+    named = decision.candidates[:limit]
+    key = (
+        tuple([c.node.id for c in named]),
+        decision.node.id if decision.node else None,
+        limit,
+        described,
+    )
+    layouts = runtime.link_layouts
+    layout = layouts.get(key)
+    if layout is None:
+        layout = layouts.put(key, _layout(runtime, decision.node, named, limit, described))
+    return layout
 
 
 def _links(runtime: Runtime, plan: Plan, limit: int, described: bool) -> str | None:

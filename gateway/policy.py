@@ -700,22 +700,36 @@ class PoolDraw(NamedTuple):
     from by every request of its cell."""
 
     pool: Sequence[Candidate]
-    #: The pool's cache nodes; they compete as one group (``choose``).
+    #: The pool's cache nodes when there are several: they compete as one group (``choose``),
+    #: in which the file picks. A lone cache is a group of one, so it is one of ``singles``.
     caches: tuple[Candidate, ...]
-    #: One group per other node, in pool order; the caches' group, when any, comes after.
-    singles: tuple[tuple[Candidate], ...]
+    #: One per group of one, in pool order; a lone cache last, where the caches' group goes.
+    singles: tuple[Candidate, ...]
     #: Running totals of the singles' weights, as ``random.choices`` adds them up.
     cumulative: tuple[float, ...]
 
 
 def pool_draw(pool: Sequence[Candidate]) -> PoolDraw:
-    others = [c for c in pool if c.node.kind != "cache"]
-    return PoolDraw(
-        pool,
-        tuple(c for c in pool if c.node.kind == "cache"),
-        tuple((c,) for c in others),
-        tuple(accumulate(c.node.weight for c in others)),
-    )
+    caches = tuple(c for c in pool if c.node.kind == "cache")
+    singles = [c for c in pool if c.node.kind != "cache"]
+    if len(caches) == 1:
+        singles += caches
+        caches = ()
+    return PoolDraw(pool, caches, tuple(singles), tuple(accumulate(c.node.weight for c in singles)))
+
+
+def _drawn(cumulative: Sequence[float], rng: random.Random) -> int:
+    """The index ``random.choices`` draws with these running weights (the same RNG call and
+    the same result), without its per-call setup."""
+    return bisect.bisect(cumulative, rng.random() * cumulative[-1], 0, len(cumulative) - 1)
+
+
+def draw_by_weight(draw: PoolDraw, rng: random.Random) -> Candidate | None:
+    """The draw in a pool without a caches' group: it depends on nothing but the RNG."""
+    singles = draw.singles
+    if len(singles) <= 1:
+        return singles[0] if singles else None
+    return singles[_drawn(draw.cumulative, rng)]
 
 
 #: The near-equal pool of the best tier that has a candidate, and the candidates a decision
@@ -922,6 +936,19 @@ def decide_prepared(
     return _choose_first(found, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
 
 
+def settled_decision(prepared: Prepared, rng: random.Random, keep: int) -> Decision | None:
+    """``decide_prepared``'s decision, when it is the same for every file: a request before
+    settled the pool, and it has no caches' group (whose pick depends on the file). None
+    otherwise, for ``decide_prepared`` to take."""
+    found = prepared.settled_pools.get(keep)
+    if found is None or found[0].caches:
+        return None
+    draw, shown = found
+    chosen = draw_by_weight(draw, rng)
+    assert chosen is not None  # a settled pool is not empty
+    return Decision(chosen.node, _TIER_REASON[chosen.tier], shown, ())
+
+
 def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[Candidate]:
     """The best tier's candidates whose score is within the policy's band of the best score."""
     if not candidates:
@@ -992,22 +1019,21 @@ def _choose_in_pool(
     recent: Mapping[str, int] | None,
     warm_caches: Container[str],
 ) -> Candidate | None:
-    pool = draw.pool
-    if len(pool) <= 1:
-        return pool[0] if pool else None
-    groups: Sequence[Sequence[Candidate]] = draw.singles
-    cumulative: Sequence[float] = draw.cumulative
-    caches = draw.caches
-    if caches:
-        caches = tuple(c for c in caches if c.node.id in warm_caches) or caches
-        groups = (*groups, caches)
-        before = cumulative[-1] if cumulative else 0
-        cumulative = (*cumulative, before + sum(c.node.weight for c in caches))
-    group = groups[0] if len(groups) == 1 else rng.choices(groups, cum_weights=cumulative)[0]
-    if len(group) == 1:
-        return group[0]
-    chosen = bounded_rendezvous([c.node for c in group], key, recent or {}, policy.cache_load_bound)
-    return next(c for c in group if c.node is chosen)
+    if not draw.caches:
+        return draw_by_weight(draw, rng)
+    caches = tuple(c for c in draw.caches if c.node.id in warm_caches) or draw.caches
+    singles = draw.singles
+    if singles:
+        cumulative = (*draw.cumulative, draw.cumulative[-1] + sum(c.node.weight for c in caches))
+        drawn = _drawn(cumulative, rng)
+        if drawn < len(singles):
+            return singles[drawn]
+    if len(caches) == 1:
+        return caches[0]
+    chosen = bounded_rendezvous(
+        [c.node for c in caches], key, recent or {}, policy.cache_load_bound
+    )
+    return next(c for c in caches if c.node is chosen)
 
 
 def decide(

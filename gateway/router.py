@@ -30,6 +30,7 @@ from gateway.policy import (
     prepare,
     rank_nodes,
     rank_rest,
+    settled_decision,
 )
 from gateway.state import NO_LIVE_STATE, NodeStatuses
 from gateway.targets import node_url, upstream_url
@@ -57,16 +58,20 @@ PREPARED_SLACK = 8
 FORGET_ALL_AT = 256
 
 
-class RevisionCheck(Protocol):
-    """Which nodes hold the requested revision; asked per node, only of nodes that matter."""
+class LackCheck(Protocol):
+    """Which nodes may lack some file: the same for every file."""
 
     @property
     def may_lack_version(self) -> int:
         """Changes whenever ``may_lack`` may answer differently."""
 
     def may_lack(self, node: NodeConfig) -> bool:
-        """Whether ``reason`` may name a reason for ``node`` for some file: the same for every
-        file, as long as ``may_lack_version`` stays the same."""
+        """Whether a revision check may name a reason for ``node`` for some file: the same for
+        every file, as long as ``may_lack_version`` stays the same."""
+
+
+class RevisionCheck(LackCheck, Protocol):
+    """Which nodes hold the requested revision; asked per node, only of nodes that matter."""
 
     def reason(self, node: NodeConfig) -> str | None:
         """Why ``node`` cannot serve the revision, or None if it can."""
@@ -257,19 +262,28 @@ class Router:
             key=key, recent=recent, warm_caches=revisions, keep=self._sources_named,
         )  # fmt: skip
 
+    def settled(
+        self, location: Location, statuses: NodeStatuses, changes: ChangeLog, lacks: LackCheck
+    ) -> Decision | None:
+        """A redirect's decision for a client at ``location`` when it is the same for every
+        file (``settled_decision``): the same decision ``route`` takes then, and the same draw.
+        None when ``route`` must decide."""
+        prepared = self._prepared_for(self._index.cell(location), statuses, changes, lacks)
+        return settled_decision(prepared, self._rng, self._sources_named)
+
     def _prepared_for(
-        self, cell: Cell, statuses: NodeStatuses, changes: ChangeLog, revisions: RevisionCheck
+        self, cell: Cell, statuses: NodeStatuses, changes: ChangeLog, lacks: LackCheck
     ) -> Prepared:
         self._forget_changed(changes)
-        if revisions.may_lack_version != self._prepared_may_lack:
+        if lacks.may_lack_version != self._prepared_may_lack:
             # Which nodes are checked per file is part of every preparation.
-            self._prepared_may_lack = revisions.may_lack_version
+            self._prepared_may_lack = lacks.may_lack_version
             self._forget_all()
         prepared = self._prepared.get(cell)
         if prepared is None:
             prepared = prepare(
                 self._ranked(cell), statuses, self.config.routing,
-                partial(self._rest_of_tier, cell), revisions.may_lack,
+                partial(self._rest_of_tier, cell), lacks.may_lack,
                 self._sources_named + PREPARED_SLACK,
             )  # fmt: skip
             if len(self._prepared) >= RANKED_CELLS:

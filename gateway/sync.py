@@ -708,14 +708,10 @@ class FileRevisions:
         return self._tracker.version
 
     def may_lack(self, node: NodeConfig) -> bool:
-        # Most nodes need no manifest lookup: a node without a manifest is trusted to hold
-        # everything, and a cache whatever it has not been caught corrupting (``servable_commit``).
-        if node.kind == "cache":
-            return bool(self._tracker.failed_for(node.id))
-        return node.manifest_url is not None
+        return self._tracker.may_lack(node)
 
     def reason(self, node: NodeConfig) -> str | None:
-        if not self.may_lack(node):
+        if not self._tracker.may_lack(node):
             return None
         pinned = self._pinned
         servable = self._tracker.servable(
@@ -802,6 +798,19 @@ class SyncTracker:
 
     def failed_for(self, node_id: str) -> Mapping[CommitKey, str]:
         return self.failed.get(node_id, _NO_FAILURES)
+
+    @property
+    def may_lack_version(self) -> int:
+        return self.version
+
+    def may_lack(self, node: NodeConfig) -> bool:
+        """Whether ``node`` may lack some file (the same for every file until ``version``
+        changes)."""
+        # Most nodes need no manifest lookup: a node without a manifest is trusted to hold
+        # everything, and a cache whatever it has not been caught corrupting (``servable_commit``).
+        if node.kind == "cache":
+            return bool(self.failed_for(node.id))
+        return node.manifest_url is not None
 
     def servable(
         self,
