@@ -385,8 +385,16 @@ def _list(value: object, key: str) -> list[object]:
     return value
 
 
+def _no_blanks(text: str, key: str) -> None:
+    """URLs go into redirect headers as they are: a space or a control character would end a
+    header, or add one."""
+    if any(char <= " " or char == "\x7f" for char in text):
+        raise ConfigError(f"{key}: {_show(text)} must not contain spaces or control characters")
+
+
 def _http_url(value: object, key: str) -> str:
     text = _str(value, key).rstrip("/")
+    _no_blanks(text, key)
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{key}: {_show(value)} is not an absolute http:// or https:// URL")
@@ -451,6 +459,7 @@ def _path(value: object, key: str) -> Path:
 
 def _url_template(value: object, key: str) -> str:
     template = _str(value, key)
+    _no_blanks(template, key)
     if not template.startswith("{base}/"):
         raise ConfigError(
             f"{key}: {_show(value)} must start with '{{base}}/' so redirects stay on the node"

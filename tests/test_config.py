@@ -96,6 +96,12 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
     ("fast-path", {"server": {"fast_path": "yes"}}, ["server.fast_path", "true or false"]),
     ("upstream-scheme", {"upstream": {"url": "ftp://x"}}, ["upstream.url", "http"]),
     ("upstream-query", {"upstream": {"url": "https://x/?a=1"}}, ["upstream.url", "query"]),
+    (
+        "upstream-control",
+        {"upstream": {"url": "https://x/\r\nSet-Cookie: a=1"}},
+        ["upstream.url", "control characters"],
+    ),
+    ("node-url-space", {"nodes": [node(url="https://x/a b")]}, ["nodes[0].url", "spaces"]),
     ("redis-scheme", {"redis": {"url": "http://r"}}, ["redis.url", "redis://"]),
     ("nodes-not-list", {"nodes": {"id": "x"}}, ["nodes", "list"]),
     ("node-missing-id", {"nodes": [{"url": "https://x"}]}, ["nodes[0].id", "required"]),
@@ -137,6 +143,11 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
         "template-placeholder",
         {"nodes": [node(url_template="{base}/{repo}/{query}")]},
         ["nodes[0].url_template", "{query}", "{base}"],
+    ),
+    (
+        "template-control",
+        {"nodes": [node(url_template="{base}/{path}\x7f")]},
+        ["nodes[0].url_template", "control characters"],
     ),
     (
         "template-syntax",

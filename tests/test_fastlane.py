@@ -171,6 +171,75 @@ async def test_fast_answers_are_the_bytes_aiohttp_writes(
     assert fast_answer.headers["Date"]
 
 
+def near_beijing(count: int, **fields: Any) -> list[dict[str, Any]]:
+    """Nodes a few km apart in Beijing, all near-equal for its clients; weights differ."""
+    return [
+        {
+            "id": f"bj{i}",
+            "url": f"https://bj{i}.mirror.test",
+            "country": "CN",
+            "latitude": 39.9 + i / 100,
+            "longitude": 116.4,
+            "weight": (0.5, 1.0, 2.0)[i % 3],
+            **fields,
+        }
+        for i in range(count)
+    ]
+
+
+OWN_TEMPLATE = {"url_template": "{base}/hf/{repo}/{revision}/{path}"}
+POOLS = [
+    ("weighted-mirrors", near_beijing(5), 3),
+    ("lone-cache", near_beijing(4) + near_beijing(5, kind="cache")[4:], 3),
+    ("two-caches", near_beijing(3) + near_beijing(5, kind="cache")[3:], 3),
+    ("own-template", near_beijing(1, **OWN_TEMPLATE) + near_beijing(4)[1:], 3),
+    ("no-links", near_beijing(4), 0),
+]
+TINY_FILES = [
+    CONFIG_JSON,
+    "/acme/tiny-model/resolve/main/nested%20dir/with%20spaces/tokenizer.json",
+]
+
+
+async def exchange_each(gateway: Gateway, requests: list[bytes]) -> list[Answer]:
+    """Each request on one keep-alive connection, sent once the answer before it is read."""
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    got = []
+    try:
+        for raw in requests:
+            writer.write(raw)
+            lines = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+            head = lines.removesuffix("\r\n\r\n").split("\r\n")
+            await reader.readexactly(int(Answer(0, head, b"").headers.get("Content-Length", 0)))
+            got.append(Answer(int(head[0].split()[1]), head, b""))
+    finally:
+        writer.close()
+    return got
+
+
+@pytest.mark.parametrize(("nodes", "links"), [p[1:] for p in POOLS], ids=[p[0] for p in POOLS])
+async def test_draws_in_a_pool_of_near_equal_nodes_are_the_bytes_aiohttp_writes(
+    make_gateway: MakeGateway, nodes: list[dict[str, Any]], links: int
+) -> None:
+    """Both gateways draw from one seed: the same requests, in the same order, must meet the
+    same nodes and get the same bytes, whether the connection answers from a settled pool or
+    from a plan (a caches' group, a named node's own URL template)."""
+    sections = {"nodes": nodes, "responses": {"duplicate_links": links}}
+    fast, slow = await make_gateway(True, **sections), await make_gateway(False, **sections)
+    requests = [request(path, X_Forwarded_For=BEIJING_IP) for _ in range(20) for path in TINY_FILES]
+    answers = []
+    for gateway in (fast, slow):
+        await warm(gateway)
+        got = await exchange_each(gateway, requests)
+        for answer in got:
+            answer.head[:] = [h for h in answer.head if not h.startswith("X-Request-ID: ")]
+        answers.append([answer.comparable() for answer in got])
+    assert fast.answered_fast == len(requests)
+    assert answers[0] == answers[1]
+    met = {dict(line.split(": ", 1) for line in head[1:])["X-Mirror-Node"] for head in answers[0]}
+    assert len(met) > 1, "the draws should meet several nodes"
+
+
 async def test_pipelined_requests_are_answered_in_order(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
     await warm(gateway)

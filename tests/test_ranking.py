@@ -377,6 +377,60 @@ def test_prepared_walks_follow_every_status_change(
                 assert_decides_as_full(fast, full)
 
 
+@settings(max_examples=300)
+@given(
+    nodes=nodes,
+    client=clients,
+    latencies=st.lists(st.floats(0, 300), min_size=60, max_size=60),
+    changes=st.lists(status_changes, min_size=1, max_size=8),
+    warm=st.sets(st.integers(0, 59)),
+    near_km=st.sampled_from([0.0, 100.0, 5000.0]),
+    max_tier=tiers,
+    seed=st.integers(0, 2**32),
+)
+def test_a_settled_pool_is_drawn_from_as_route_draws(
+    nodes: list[NodeConfig],
+    client: Location,
+    latencies: list[float],
+    changes: list[tuple],
+    warm: set[int],
+    near_km: float,
+    max_tier: str,
+    seed: int,
+) -> None:
+    """With nodes that hold every file, a cell's pool is settled once a request has walked it.
+    Whenever ``Router.settled`` then decides (the pool has no caches' group, whose pick is by
+    file), it decides as ``route`` does, drawing the same number from the RNG. Every node is
+    up at first, then nodes change."""
+    live = LiveState(nodes, vantage="here", probing=True)
+    for node, latency in zip(nodes, latencies, strict=False):
+        up(live, node.id, latency, 0.0)
+    revisions = Lacking(set(), warm=frozenset(n.id for i, n in enumerate(nodes) if i in warm))
+    router, _ = twin_routers(nodes, client, near_km, max_tier, seed)
+    for step, change in enumerate(changes, start=1):
+        if nodes:
+            apply_change(live, nodes[change[0] % len(nodes)], change, float(step))
+        for _ in range(3):
+            settled = settled_draw(router, client, live, revisions)
+            routed = router.route(
+                REF, address(1), live.statuses, revisions=revisions, changes=live
+            ).decision
+            if settled is not None:
+                assert settled == (routed, router._rng.getstate())
+
+
+def settled_draw(
+    router: Router, client: Location, live: LiveState, revisions: Lacking
+) -> tuple[Decision, object] | None:
+    """``Router.settled``'s decision and the RNG's state after it, with the RNG then put back,
+    so that ``route`` draws next as if ``settled`` had not been asked."""
+    before = router._rng.getstate()
+    decision = router.settled(client, live.statuses, live, revisions)
+    after = router._rng.getstate()
+    router._rng.setstate(before)
+    return None if decision is None else (decision, after)
+
+
 def up(live: LiveState, node_id: str, latency_ms: float, at: float) -> None:
     live.apply_probe(ProbeRecord(node_id, "here", True, "", latency_ms, at, at))
 
