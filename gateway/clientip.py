@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from gateway.config import ClientIPConfig, ForwardedHeader, IPNetwork
-from gateway.memo import BoundedMemo
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ClientIPSource = Literal["peer", "x-forwarded-for", "forwarded", "cdn-header"]
@@ -24,10 +23,8 @@ ClientIPSource = Literal["peer", "x-forwarded-for", "forwarded", "cdn-header"]
 _MAX_TOKEN_CHARS = 64
 #: Right-most forwarding entries examined; a longer all-trusted chain is a loop or an attack.
 _MAX_ENTRIES = 64
-#: Distinct (peer, headers) inputs whose answer is remembered; one per client behind a proxy.
-MEMO_ENTRIES = 65_536
-#: Longest header input remembered: real chains are a few addresses, and a bound keeps a flood
-#: of huge headers from holding memory.
+#: Longest header input worth remembering an answer for: real chains are a few addresses, and
+#: a bound keeps a flood of huge headers from holding memory.
 _MEMO_MAX_CHARS = 512
 #: RFC 7239 obfuscated port: "_" followed by these characters.
 _OBFUSCATED_PORT_CHARS = frozenset(
@@ -156,14 +153,15 @@ class ClientAddress:
     cdn_country: str | None = None
 
 
-#: The peer and the headers it sent.
-_MemoKey = tuple[str | None, ForwardingHeaders]
+def worth_remembering(headers: ForwardingHeaders) -> bool:
+    """Whether an answer for these headers may be remembered (keyed by them and the peer)."""
+    return sum(map(len, headers.forwarded)) + len(headers.cdn_client_ip or "") <= _MEMO_MAX_CHARS
 
 
 class ClientIPResolver:
     """Resolves client addresses under one configuration; safe to share between requests."""
 
-    __slots__ = ("_chain", "_memo", "_reads_cdn_country", "_reads_cdn_ip", "_v4", "_v6")
+    __slots__ = ("_chain", "_reads_cdn_country", "_reads_cdn_ip", "_v4", "_v6")
 
     def __init__(self, config: ClientIPConfig) -> None:
         networks = [_as_ipv4(network) for network in config.trusted_proxies]
@@ -172,7 +170,6 @@ class ClientIPResolver:
         self._chain = _CHAIN_READERS.get(config.forwarded_header)
         self._reads_cdn_ip = config.cdn_client_ip_header is not None
         self._reads_cdn_country = config.cdn_country_header is not None
-        self._memo: BoundedMemo[_MemoKey, ClientAddress] = BoundedMemo(MEMO_ENTRIES)
 
     def is_trusted(self, ip: IPAddress) -> bool:
         """Whether ``ip`` (as :func:`parse_ip` returns it) is in one of the trusted networks."""
@@ -200,22 +197,6 @@ class ClientIPResolver:
             if client is not None:
                 return ClientAddress(client, source, country)
         return ClientAddress(peer_ip, "peer", country)
-
-    def resolve_remembered(self, peer: str | None, headers: ForwardingHeaders) -> ClientAddress:
-        """``resolve``, answered from memory when the same peer sent the same headers before.
-
-        The answer is a pure function of its inputs, and a client downloading a repository sends
-        the same ones for every file, so the request path parses each chain once.
-        """
-        key = (peer, headers)
-        known = self._memo.get(key)
-        if known is not None:
-            return known
-        answer = self.resolve(peer, headers)
-        size = sum(map(len, headers.forwarded)) + len(headers.cdn_client_ip or "")
-        if size <= _MEMO_MAX_CHARS:
-            self._memo.put(key, answer)
-        return answer
 
     def _walk(self, values: tuple[str, ...], entry_ip: _EntryParser) -> IPAddress | None:
         """The client named by the forwarding chain, or ``None`` to fall back to the peer."""

@@ -26,6 +26,7 @@ from multidict import CIMultiDictProxy
 from gateway.answers import redirect_headers
 from gateway.catalog import CatalogError, FileMeta, RepoRevision, entry_for
 from gateway.clientip import ClientAddress
+from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
 from gateway.geo import Location
 from gateway.hfpath import PARSED_PATHS, FileRef, PathError, parse_resolve_path_remembered
 from gateway.http import (
@@ -40,7 +41,7 @@ from gateway.memo import BoundedMemo
 from gateway.metalink import METALINK_SUFFIX, link_layout, links_metalink, wants_metalink
 from gateway.planner import Plan, UpstreamOnly, plan_from_memory
 from gateway.policy import Decision
-from gateway.router import PRIVATE_CACHE_CONTROL, Route
+from gateway.router import PRIVATE_CACHE_CONTROL, Placement, Route
 from gateway.runtime import Runtime
 from gateway.targets import default_path, node_url
 
@@ -54,6 +55,7 @@ _STATUS_LINE = "HTTP/1.1 302 Found\r\n"
 _EMPTY_BODY = {"GET": "Content-Length: 0\r\n", "HEAD": ""}
 #: Stands for the node's parts while a file's text is made: no header value holds it.
 _NODE_MARK = "\x00"
+_NODE_END = "\r\n"
 
 
 class _FileText(NamedTuple):
@@ -64,11 +66,12 @@ class _FileText(NamedTuple):
     revision: RepoRevision
     pinned: FileRef
     meta: FileMeta
-    #: What the default URL template puts after a base URL (``Link`` goes around it).
+    #: What the default URL template puts after a base URL (``Link`` goes around it too).
     path: str
-    #: The status line and headers before the ``Location`` URL, between it and the node's id,
-    #: and after that id.
-    parts: tuple[str, str, str]
+    #: The status line and headers up to the ``Location`` URL's base.
+    before: str
+    #: From the end of that URL to the node's id.
+    between: str
     #: Whether the ``Link`` header names the file's Metalink.
     described: bool
 
@@ -141,12 +144,15 @@ def _file_text(revision: RepoRevision, ref: FileRef) -> _FileText | None:
     if not _only_line_ends(text.encode(), len(headers) + 2):
         return None
     before, between, after = text.split(_NODE_MARK)
+    # The node's id ends the headers the file's text is made of (``_NODE_END`` follows it).
+    assert after == _NODE_END
     return _FileText(
         revision,
         pinned,
         meta,
         default_path(pinned),
-        (before, between, after),
+        before,
+        between,
         links_metalink(revision.files, ref.filename),
     )
 
@@ -161,16 +167,14 @@ class _Answer(NamedTuple):
 
 
 def _settled_answer(
-    runtime: Runtime, ref: FileRef, client: ClientAddress, headers: CIMultiDictProxy[str], body: str
+    runtime: Runtime, ref: FileRef, placement: Placement, headers: CIMultiDictProxy[str], body: str
 ) -> _Answer | None:
     """The answer when the client's pool is settled (``Router.settled``): the one the planned
     path gives, from text made once per file and per set of named nodes."""
     revision = runtime.catalog.peek(ref.repo_type, ref.repo_id, ref.revision)
     if revision is None or revision.upstream_only:
         return None
-    router = runtime.router
-    location, from_cdn_only = router.locate(client)
-    if from_cdn_only:
+    if placement.from_cdn_only:
         return None  # a shared answer, with its own caching headers
     file = _file_texts.get(ref)
     if file is None or file.revision is not revision:
@@ -178,42 +182,62 @@ def _settled_answer(
         if file is None:
             return None
         _file_texts.put(ref, file)
-    live = runtime.store.live
+    router, live = runtime.router, runtime.store.live
     started = time.perf_counter()
-    decision = router.settled(location, live.statuses, live, runtime.sync)
+    decision = router.settled(placement.cell, live.statuses, live, runtime.sync)
     seconds = time.perf_counter() - started
     if decision is None:
         return None
     node = decision.node
     assert node is not None  # a settled decision names a node
-    url = node_url(node, file.pinned)
-    layout = link_layout(runtime, decision, router.config.responses.duplicate_links, file.described)
-    if not layout:
-        # A named node's own URL template: the links come from the plan this decision makes.
-        route = Route(
-            client, location, decision, node_url(node, file.pinned), revision.commit, False
-        )
+    node_text = _node_text(runtime, decision, node, file.described)
+    if node_text is None:
+        # The chosen or a named node's own URL template: the plan this decision makes.
+        url = node_url(node, file.pinned)
+        route = Route(placement.client, placement.location, decision, url, revision.commit, False)
         plan = Plan(ref, revision, route, file.meta, {}, seconds)
         return _answer_for(runtime, plan, headers, body)
-    links = file.path.join(layout)
-    before, between, after = file.parts
     the_id = request_id(headers.get("X-Request-ID"))
-    # Nothing here to check for control characters: the file's text was checked, the URL and
-    # node id come from the config (which refuses them) and the request id is a token.
+    # Nothing here to check for control characters: the file's text was checked, the node's
+    # comes from the config (which refuses them in URLs) and the request id is a token.
     text = "".join(
         [
-            before,
-            url,
-            between,
-            node.id,
-            after,
-            f"Link: {links}\r\n" if links else "",
+            file.before,
+            node.base_url,
+            file.path,
+            file.between,
+            file.path.join(node_text),
             f"X-Request-ID: {the_id}\r\n",
             body,
             _date_and_server(),
         ]
     )
-    return _Answer(text.encode(), the_id, decision, location, seconds)
+    return _Answer(text.encode(), the_id, decision, placement.location, seconds)
+
+
+def _node_text(
+    runtime: Runtime, decision: Decision, node: NodeConfig, described: bool
+) -> tuple[str, ...] | None:
+    """The text from the chosen node's id to the end of the ``Link`` header, split where the
+    file's path goes; None when the chosen or a named node has its own URL template."""
+    named = decision.candidates
+    key = (id(named), node.id, described)
+    known = runtime.node_texts.get(key)
+    if known is not None and known[0] is named:
+        return known[1]
+    if node.url_template != DEFAULT_URL_TEMPLATE:
+        return None
+    limit = runtime.router.config.responses.duplicate_links
+    layout = link_layout(runtime, decision, limit, described)
+    if not layout:
+        return None
+    ended = f"{node.id}{_NODE_END}"
+    if layout == ("",):  # nothing to link
+        return runtime.node_texts.put(key, (named, (ended,)))[1]
+    text = [*layout]
+    text[0] = f"{ended}Link: {text[0]}"
+    text[-1] += "\r\n"
+    return runtime.node_texts.put(key, (named, tuple(text)))[1]
 
 
 def _answer_for(
@@ -254,11 +278,9 @@ def answer_from_memory(
     headers = message.headers
     if ref is None or wants_metalink(headers.get("Accept")):
         return None
-    client = router.resolver.resolve_remembered(
-        peer, forwarding_headers(headers, router.config.client_ip)
-    )
-    answer = _settled_answer(runtime, ref, client, headers, body) or _planned_answer(
-        runtime, ref, client, headers, body
+    placement = router.place(peer, forwarding_headers(headers, router.config.client_ip))
+    answer = _settled_answer(runtime, ref, placement, headers, body) or _planned_answer(
+        runtime, ref, placement.client, headers, body
     )
     if answer is None:
         return None

@@ -211,21 +211,20 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         return ref
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed(request)
-    client = router.resolver.resolve_remembered(
+    placement = router.place(
         request.remote, forwarding_headers(request.headers, router.config.client_ip)
     )
+    client, location = placement.client, placement.location
     try:
         target, as_metalink = await metalink_target(runtime, ref, request.headers.get("Accept"))
         plan = await plan_route(runtime, target, client, full=as_metalink)
     except UpstreamOnly:
         # Private and gated files need the client's token: only upstream may see it.
-        location = router.locate(client)[0]
         _remember(
             request, record_outcome(runtime, "upstream", "private_or_gated", location=location)
         )
         return await _to_upstream(request, runtime, resolve_path_for(ref), "resolve")
     except CatalogError as exc:
-        location = router.locate(client)[0]
         if exc.error_code in _NEEDS_TOKEN and "Authorization" in request.headers:
             # Hidden from our tokenless catalog (private, or gated files), but maybe not from
             # this client's token: upstream decides.

@@ -12,10 +12,11 @@ from dataclasses import replace
 from functools import partial
 from typing import NamedTuple, Protocol
 
-from gateway.clientip import ClientAddress, ClientIPResolver
+from gateway.clientip import ClientAddress, ClientIPResolver, ForwardingHeaders, worth_remembering
 from gateway.config import GatewayConfig, NodeConfig
 from gateway.geo import UNKNOWN_LOCATION, GeoLocator, Location, country_location
 from gateway.hfpath import FileRef
+from gateway.memo import BoundedMemo
 from gateway.policy import (
     Cell,
     Decision,
@@ -53,6 +54,9 @@ MAX_FRONT = 256
 #: Candidates per tier a preparation lists beyond those a redirect names: how many of the
 #: best nodes may lack a file before a request walks the ranking itself.
 PREPARED_SLACK = 8
+#: Distinct (peer, forwarding headers) inputs whose placement is remembered: one per client
+#: behind a proxy.
+PLACEMENTS = 65_536
 #: Changed nodes past which every preparation is dropped at once, rather than each one found
 #: through the nodes it read (after a resync or a redirect window, most of them changed).
 FORGET_ALL_AT = 256
@@ -115,6 +119,16 @@ class ChangeLog(Protocol):
         """The nodes changed after ``version``; None when that is no longer known."""
 
 
+class Placement(NamedTuple):
+    """Who a request's client is, where, and the routing cell it falls in."""
+
+    client: ClientAddress
+    location: Location
+    #: Whether the location came from the CDN country header alone (``Router.locate``).
+    from_cdn_only: bool
+    cell: Cell
+
+
 class Route(NamedTuple):
     client: ClientAddress
     location: Location
@@ -146,6 +160,23 @@ class Router:
         self._readers: dict[str, set[Cell]] = {}
         self._prepared_version: int | None = None
         self._prepared_may_lack: int | None = None
+        self._placements: BoundedMemo[tuple[str | None, ForwardingHeaders], Placement] = (
+            BoundedMemo(PLACEMENTS)
+        )
+
+    def place(self, peer: str | None, headers: ForwardingHeaders) -> Placement:
+        """The client behind the TCP ``peer`` (``ClientIPResolver.resolve``), located, with its
+        cell; remembered, as a client downloading a repository sends the same inputs for every
+        file, and under one router they always give the same answer."""
+        key = (peer, headers)
+        placed = self._placements.get(key)
+        if placed is None:
+            client = self.resolver.resolve(peer, headers)
+            location, from_cdn_only = self.locate(client)
+            placed = Placement(client, location, from_cdn_only, self._index.cell(location))
+            if worth_remembering(headers):
+                self._placements.put(key, placed)
+        return placed
 
     def locate(self, client: ClientAddress) -> tuple[Location, bool]:
         """The client's location, and whether it came from the CDN country header alone."""
@@ -263,12 +294,12 @@ class Router:
         )  # fmt: skip
 
     def settled(
-        self, location: Location, statuses: NodeStatuses, changes: ChangeLog, lacks: LackCheck
+        self, cell: Cell, statuses: NodeStatuses, changes: ChangeLog, lacks: LackCheck
     ) -> Decision | None:
-        """A redirect's decision for a client at ``location`` when it is the same for every
-        file (``settled_decision``): the same decision ``route`` takes then, and the same draw.
-        None when ``route`` must decide."""
-        prepared = self._prepared_for(self._index.cell(location), statuses, changes, lacks)
+        """A redirect's decision for a client in ``cell`` when it is the same for every file
+        (``settled_decision``): the same decision ``route`` takes then, and the same draw. None
+        when ``route`` must decide."""
+        prepared = self._prepared_for(cell, statuses, changes, lacks)
         return settled_decision(prepared, self._rng, self._sources_named)
 
     def _prepared_for(

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from gateway.catalog import Catalog
 from gateway.memo import BoundedMemo
 from gateway.metrics import GatewayMetrics, GatewaySample, NodeSample
+from gateway.policy import Candidate
 from gateway.probe import Prober
 from gateway.router import Router
 from gateway.store import StateStore
@@ -19,6 +20,12 @@ from gateway.upstream import UpstreamProxy
 #: Redirect ``Link`` header layouts remembered (``metalink.link_header``), per config.
 LINK_LAYOUTS = 4096
 LinkLayouts = BoundedMemo[tuple[object, ...], tuple[str, ...]]
+#: A redirect's text from the chosen node's id to the end of its ``Link`` header, split where
+#: the file's path goes (``fastlane``), remembered per config for this many pools and nodes.
+NODE_TEXTS = 16_384
+#: By the decision's candidates (by identity: a settled pool's are one tuple, which the entry
+#: holds on to), the node's id and whether the Metalink is linked.
+NodeTexts = BoundedMemo[tuple[int, str, bool], tuple[tuple[Candidate, ...], tuple[str, ...]]]
 
 
 class Runtime:
@@ -40,6 +47,7 @@ class Runtime:
         self.router = router
         #: Derived from the router's config, so replaced with it.
         self.link_layouts = LinkLayouts(LINK_LAYOUTS)
+        self.node_texts = NodeTexts(NODE_TEXTS)
         self.store = store
         self.prober = prober
         self.catalog = catalog
@@ -55,6 +63,7 @@ class Runtime:
     def adopt(self, router: Router) -> None:
         self.router = router
         self.link_layouts = LinkLayouts(LINK_LAYOUTS)
+        self.node_texts = NodeTexts(NODE_TEXTS)
         self.store.reconfigure(router.config.nodes)
         if self.prober is not None:
             self.prober.reconfigure(router.config.nodes, router.config.probing)

@@ -10,9 +10,12 @@ from hypothesis import strategies as st
 
 from gateway import hfpath, targets
 from gateway.clientip import ClientIPResolver, ForwardingHeaders
-from gateway.config import DEFAULT_URL_TEMPLATE, ClientIPConfig
+from gateway.config import DEFAULT_URL_TEMPLATE, ClientIPConfig, GatewayConfig
+from gateway.geo import DatabaseInfo, IPAddress, Location
 from gateway.hfpath import FileRef, PathError, parse_resolve_path, parse_resolve_path_remembered
 from gateway.memo import BoundedMemo
+from gateway.policy import NodeIndex
+from gateway.router import Placement, Router
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -130,16 +133,37 @@ chains = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(peer=peers, lines=st.lists(chains, max_size=2))
-def test_a_remembered_client_equals_a_fresh_resolution(peer: str | None, lines: list[str]) -> None:
-    resolver = ClientIPResolver(TRUSTED)
+def test_a_remembered_placement_equals_a_fresh_one(peer: str | None, lines: list[str]) -> None:
+    router = placing_router()
     headers = ForwardingHeaders(forwarded=tuple(lines))
-    fresh = resolver.resolve(peer, headers)
-    assert resolver.resolve_remembered(peer, headers) == fresh
-    assert resolver.resolve_remembered(peer, headers) == fresh
+    client = router.resolver.resolve(peer, headers)
+    location, from_cdn_only = router.locate(client)
+    fresh = Placement(client, location, from_cdn_only, NodeIndex(()).cell(location))
+    assert router.place(peer, headers) == fresh
+    assert router.place(peer, headers) == fresh
+
+
+def placing_router() -> Router:
+    """A router trusting 10.0.0.0/8, whose locator places every address in Beijing."""
+    beijing = Location("CN", "AS", 39.9, 116.4, None, None)
+    return Router(GatewayConfig(client_ip=TRUSTED), EverywhereLocator(beijing))
+
+
+class EverywhereLocator:
+    databases: tuple[DatabaseInfo, ...] = ()
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+
+    def locate(self, ip: IPAddress) -> Location:
+        return self.location
+
+    def close(self) -> None:
+        pass
 
 
 def test_huge_headers_are_resolved_but_not_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
-    resolver = ClientIPResolver(TRUSTED)
+    router = placing_router()
     calls = []
     real = ClientIPResolver.resolve
 
@@ -152,7 +176,7 @@ def test_huge_headers_are_resolved_but_not_remembered(monkeypatch: pytest.Monkey
     # Only the right-most entry is read, but the header is long: not worth remembering.
     huge = ForwardingHeaders(forwarded=(", ".join(["192.0.2.1"] * 100 + ["198.51.100.1"]),))
     for _ in range(3):
-        assert str(resolver.resolve_remembered("10.0.0.1", small).ip) == "203.0.113.9"
-        assert str(resolver.resolve_remembered("10.0.0.1", huge).ip) == "198.51.100.1"
+        assert str(router.place("10.0.0.1", small).client.ip) == "203.0.113.9"
+        assert str(router.place("10.0.0.1", huge).client.ip) == "198.51.100.1"
     # The small chain was worked out once; the huge one every time.
     assert len(calls) == 1 + 3

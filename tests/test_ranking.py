@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.clientip import ClientAddress
+from gateway.clientip import ClientAddress, ForwardingHeaders
 from gateway.config import GatewayConfig, NodeConfig, RoutingConfig, ServiceArea
 from gateway.geo import DatabaseInfo, IPAddress, Location
 from gateway.hfpath import FileRef
@@ -411,7 +411,7 @@ def test_a_settled_pool_is_drawn_from_as_route_draws(
         if nodes:
             apply_change(live, nodes[change[0] % len(nodes)], change, float(step))
         for _ in range(3):
-            settled = settled_draw(router, client, live, revisions)
+            settled = settled_draw(router, live, revisions)
             routed = router.route(
                 REF, address(1), live.statuses, revisions=revisions, changes=live
             ).decision
@@ -420,12 +420,13 @@ def test_a_settled_pool_is_drawn_from_as_route_draws(
 
 
 def settled_draw(
-    router: Router, client: Location, live: LiveState, revisions: Lacking
+    router: Router, live: LiveState, revisions: Lacking
 ) -> tuple[Decision, object] | None:
-    """``Router.settled``'s decision and the RNG's state after it, with the RNG then put back,
-    so that ``route`` draws next as if ``settled`` had not been asked."""
+    """``Router.settled``'s decision for ``address(1)`` and the RNG's state after it, with the
+    RNG then put back, so that ``route`` draws next as if ``settled`` had not been asked."""
+    cell = router.place(str(ip(1)), ForwardingHeaders()).cell
     before = router._rng.getstate()
-    decision = router.settled(client, live.statuses, live, revisions)
+    decision = router.settled(cell, live.statuses, live, revisions)
     after = router._rng.getstate()
     router._rng.setstate(before)
     return None if decision is None else (decision, after)
