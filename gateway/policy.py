@@ -605,12 +605,12 @@ def _walk(
     unavailable: Callable[[NodeConfig], str | None],
     deeper: Deeper,
     reserve: list[Candidate],
-    visited: list[NodeConfig] | None = None,
+    visited: dict[str, tuple[Tier, float | None]] | None = None,
 ) -> tuple[list[Candidate], float]:
     """The tier's candidates, sorted, exact for the best ``need`` (and for the near-equal pool
     when ``pool``): a node farther than both bounds cannot score into either. Also that bound:
     every candidate scoring within it is listed. Nodes at capacity go to ``reserve``, every
-    node looked at to ``visited``."""
+    node looked at to ``visited`` (with its tier and distance)."""
     nodes = ranked.nodes[tier]
     members: Iterable[tuple[NodeConfig, float | None]] = zip(
         nodes, ranked.distances[tier], strict=True
@@ -627,7 +627,7 @@ def _walk(
         if (distance or 0.0) > limit:
             break
         if visited is not None:
-            visited.append(node)
+            visited[node.id] = (tier, distance)
         status = statuses.get(node.id, NODE_ASSUMED_UP)
         if not _takes_clients(status, policy) or unavailable(node) is not None:
             continue
@@ -802,8 +802,11 @@ class Prepared(NamedTuple):
 
     #: Indexed by ``Tier``; None where the cell has no node of the tier.
     tiers: tuple[PreparedTier | None, ...]
-    #: The ids of every node whose status was read: a change to another cannot alter this.
-    looked_at: tuple[str, ...]
+    #: Every node whose status was read, by id, with its tier and distance: a change to
+    #: another node cannot alter this (nor can some changes to these: ``still_exact``).
+    looked_at: Mapping[str, tuple[Tier, float | None]]
+    #: The ids of the nodes the tiers list.
+    listed: frozenset[str]
     #: By ``keep``: ``_first_pool``'s answer when it read only settled tiers, so is the same
     #: for every file; filled by the first request that asks, never changed once filled.
     settled_pools: dict[int, FirstPool | None]
@@ -833,7 +836,7 @@ def prepare(
     the first tier with a candidate that holds every file: requests choose there or before.
     Tiers after enough such candidates are not walked at all.
     """
-    looked_at: list[NodeConfig] = []
+    looked_at: dict[str, tuple[Tier, float | None]] = {}
 
     def unfiltered(
         tier: Tier, seen: int, admissible: Callable[[NodeConfig], bool]
@@ -860,7 +863,27 @@ def prepare(
         checked = tuple(may_lack(c.node) for c in listed)
         sure += checked.count(False)
         tiers.append(PreparedTier(listed, checked, exact_to, None if any(checked) else {}))
-    return Prepared(tuple(tiers), tuple(node.id for node in looked_at), {})
+    named = frozenset(c.node.id for view in tiers if view is not None for c in view.candidates)
+    return Prepared(tuple(tiers), looked_at, named, {})
+
+
+def still_exact(
+    prepared: Prepared, node_id: str, status: NodeStatus, policy: RoutingConfig
+) -> bool:
+    """Whether ``prepared`` holds for a new status of ``node_id``, one of the nodes it looked at.
+
+    It does when the node was not listed and still would not be: it takes no clients, is at
+    capacity, or scores past its tier's exact bound. The nodes scoring within each bound, and
+    so what each tier lists, are then the same (a walk made now could stop elsewhere, past
+    the bound, which only makes it exact further).
+    """
+    if node_id in prepared.listed:
+        return False
+    if not _takes_clients(status, policy) or _at_capacity(status):
+        return True
+    tier, distance = prepared.looked_at[node_id]
+    view = prepared.tiers[tier]
+    return view is None or score(distance, status, policy) > view.exact_to
 
 
 #: A tier no request should need (so exact for nothing): one that does falls back to its walk.

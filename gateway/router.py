@@ -32,8 +32,9 @@ from gateway.policy import (
     rank_nodes,
     rank_rest,
     settled_decision,
+    still_exact,
 )
-from gateway.state import NO_LIVE_STATE, NodeStatuses
+from gateway.state import NO_LIVE_STATE, NODE_ASSUMED_UP, NodeStatuses
 from gateway.targets import node_url, upstream_url
 
 PRIVATE_CACHE_CONTROL = "private, no-store"
@@ -305,7 +306,7 @@ class Router:
     def _prepared_for(
         self, cell: Cell, statuses: NodeStatuses, changes: ChangeLog, lacks: LackCheck
     ) -> Prepared:
-        self._forget_changed(changes)
+        self._forget_changed(changes, statuses)
         if lacks.may_lack_version != self._prepared_may_lack:
             # Which nodes are checked per file is part of every preparation.
             self._prepared_may_lack = lacks.may_lack_version
@@ -324,8 +325,9 @@ class Router:
                 self._readers.setdefault(node_id, set()).add(cell)
         return prepared
 
-    def _forget_changed(self, changes: ChangeLog) -> None:
-        """Drop the preparations that read a node changed since they were made."""
+    def _forget_changed(self, changes: ChangeLog, statuses: NodeStatuses) -> None:
+        """Drop the preparations that read a node changed since they were made, unless they
+        still hold for its new status (``still_exact``)."""
         version, seen = changes.version, self._prepared_version
         if version == seen:
             return
@@ -335,9 +337,12 @@ class Router:
         if nodes is None or len(nodes) > FORGET_ALL_AT:
             self._forget_all()
             return
+        policy = self.config.routing
         for node_id in nodes:
-            for cell in self._readers.pop(node_id, ()):
-                self._forget(cell)
+            status = statuses.get(node_id, NODE_ASSUMED_UP)
+            for cell in list(self._readers.get(node_id, ())):
+                if not still_exact(self._prepared[cell], node_id, status, policy):
+                    self._forget(cell)
 
     def _forget_all(self) -> None:
         self._prepared.clear()

@@ -382,7 +382,7 @@ def test_prepared_walks_follow_every_status_change(
     nodes=nodes,
     client=clients,
     latencies=st.lists(st.floats(0, 300), min_size=60, max_size=60),
-    changes=st.lists(status_changes, min_size=1, max_size=8),
+    changes=st.lists(status_changes, min_size=1, max_size=20),
     warm=st.sets(st.integers(0, 59)),
     near_km=st.sampled_from([0.0, 100.0, 5000.0]),
     max_tier=tiers,
@@ -401,20 +401,23 @@ def test_a_settled_pool_is_drawn_from_as_route_draws(
     """With nodes that hold every file, a cell's pool is settled once a request has walked it.
     Whenever ``Router.settled`` then decides (the pool has no caches' group, whose pick is by
     file), it decides as ``route`` does, drawing the same number from the RNG. Every node is
-    up at first, then nodes change."""
+    up at first, then nodes change: preparations kept through a change (``still_exact``) must
+    still decide as the full evaluation."""
     live = LiveState(nodes, vantage="here", probing=True)
     for node, latency in zip(nodes, latencies, strict=False):
         up(live, node.id, latency, 0.0)
     revisions = Lacking(set(), warm=frozenset(n.id for i, n in enumerate(nodes) if i in warm))
-    router, _ = twin_routers(nodes, client, near_km, max_tier, seed)
+    router, reference = twin_routers(nodes, client, near_km, max_tier, seed)
     for step, change in enumerate(changes, start=1):
         if nodes:
             apply_change(live, nodes[change[0] % len(nodes)], change, float(step))
-        for _ in range(3):
+        for _ in range(2):
             settled = settled_draw(router, live, revisions)
             routed = router.route(
                 REF, address(1), live.statuses, revisions=revisions, changes=live
             ).decision
+            full = reference.route(REF, address(1), live.statuses, revisions=revisions, full=True)
+            assert_decides_as_full(routed, full.decision)
             if settled is not None:
                 assert settled == (routed, router._rng.getstate())
 
