@@ -886,6 +886,38 @@ def still_exact(
     return view is None or score(distance, status, policy) > view.exact_to
 
 
+def rescored(
+    prepared: Prepared, node_id: str, status: NodeStatus, policy: RoutingConfig
+) -> Prepared | None:
+    """``prepared`` for a new status of a node it lists, when only the node's score moved
+    within its tier's exact bound: the same nodes within the bound, in order again. None when
+    it must be prepared again (the node no longer takes clients or is at capacity, scores past
+    the bound, or the tier's near-equal band would reach past it)."""
+    if node_id not in prepared.listed or not _takes_clients(status, policy):
+        return None
+    if _at_capacity(status):
+        return None
+    tier, distance = prepared.looked_at[node_id]
+    view = prepared.tiers[tier]
+    new_score = score(distance, status, policy)
+    if view is None or new_score > view.exact_to:
+        return None
+    moved = [
+        (c._replace(score=new_score) if c.node.id == node_id else c, checked)
+        for c, checked in zip(view.candidates, view.checked, strict=True)
+    ]
+    moved.sort(key=lambda pair: _by_preference(pair[0]))
+    best = moved[0][0].score
+    if best + max(policy.near_equal_km, best * policy.near_equal_ratio) > view.exact_to:
+        return None
+    checked = tuple(flag for _, flag in moved)
+    tiers = list(prepared.tiers)
+    tiers[tier] = PreparedTier(
+        tuple(c for c, _ in moved), checked, view.exact_to, None if any(checked) else {}
+    )
+    return Prepared(tuple(tiers), prepared.looked_at, prepared.listed, {})
+
+
 #: A tier no request should need (so exact for nothing): one that does falls back to its walk.
 _UNWALKED = PreparedTier((), (), -math.inf, None)
 

@@ -31,6 +31,7 @@ from gateway.policy import (
     prepare,
     rank_nodes,
     rank_rest,
+    rescored,
     settled_decision,
     still_exact,
 )
@@ -329,7 +330,7 @@ class Router:
 
     def _forget_changed(self, changes: ChangeLog, statuses: NodeStatuses) -> None:
         """Drop the preparations that read a node changed since they were made, unless they
-        still hold for its new status (``still_exact``)."""
+        still hold for its new status (``still_exact``) or only its score moved (``rescored``)."""
         version, seen = changes.version, self._prepared_version
         if version == seen:
             return
@@ -343,8 +344,14 @@ class Router:
         for node_id in nodes:
             status = statuses.get(node_id, NODE_ASSUMED_UP)
             for cell in list(self._readers.get(node_id, ())):
-                if not still_exact(self._prepared[cell], node_id, status, policy):
+                prepared = self._prepared[cell]
+                if still_exact(prepared, node_id, status, policy):
+                    continue
+                again = rescored(prepared, node_id, status, policy)
+                if again is None:
                     self._forget(cell)
+                else:
+                    self._prepared[cell] = again  # it read the same nodes
 
     def _forget_all(self) -> None:
         self._prepared.clear()

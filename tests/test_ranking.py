@@ -28,6 +28,7 @@ from gateway.policy import (
     deepen,
     distance_to,
     filter_nodes,
+    prepare,
     rank_nodes,
 )
 from gateway.router import FRONT, MAX_FRONT, Router
@@ -462,6 +463,40 @@ def test_a_preparation_is_dropped_only_when_a_node_it_read_changes() -> None:
     assert second is not first
     # Every node read by the kept preparation knows its cell, and no other node does.
     assert set(router._readers) == set(second.looked_at)  # type: ignore[attr-defined]
+
+
+def test_a_listed_node_whose_score_moves_is_put_in_order_not_prepared_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Load moves a listed node's score within its tier's exact bound: the preparation is
+    kept with the node in its new place (``rescored``), and decides as the full evaluation."""
+    client = replace(BEIJING, asn=None, asn_org=None)
+    nodes = world(20)
+    live = LiveState(nodes, vantage="here", probing=True)
+    for node in nodes:
+        up(live, node.id, 10.0, 1.0)
+    config = GatewayConfig(nodes=nodes, routing=RoutingConfig(near_equal_km=0))
+    router, reference = (
+        Router(config, FixedLocator({ip(1): client}), random.Random(1)) for _ in "ab"
+    )
+    first = router.route(REF, address(1), live.statuses, changes=live).decision
+    reference.route(REF, address(1), live.statuses, full=True)
+    (cell,) = router._prepared
+    prepared = router._prepared[cell]
+    best, _, third = first.candidates[:3]
+    view = prepared.tiers[best.tier]
+    assert view is not None and third.score < view.exact_to
+    # Just behind the third: a load that adds the gap, as a fraction of capacity.
+    load = (third.score - best.score + 1.0) / config.routing.load_penalty_km
+    prepares = []
+    monkeypatch.setattr("gateway.router.prepare", lambda *a: prepares.append(a) or prepare(*a))
+    live.apply_load(LoadRecord(best.node.id, "status-json", load * 100, None, 100, None, 2.0))
+    moved = router.route(REF, address(1), live.statuses, changes=live).decision
+    full = reference.route(REF, address(1), live.statuses, full=True).decision
+    assert not prepares and router._prepared[cell] is not prepared
+    assert_decides_as_full(moved, full)
+    assert moved.candidates[0].node != best.node
+    assert best.node in [c.node for c in moved.candidates]
 
 
 def test_evicted_preparations_leave_no_readers_behind(monkeypatch: pytest.MonkeyPatch) -> None:
