@@ -4,8 +4,12 @@ Nearly every request a download front door sees is a GET or HEAD of a resolve pa
 revision the catalog holds in memory. aiohttp's machinery around each request (a request
 object, a task, the middleware chain, a response object and its preparation) costs about as
 much as routing it, so the connection (``server.GatewayRequestHandler``) hands such a message
-here and writes the answer itself: the same plan, metrics, load count, access log line and
-headers as the ``resolve`` handler, in the bytes aiohttp would have written.
+here and writes the answer itself: the same decision, metrics, load count, access log line
+and headers as the ``resolve`` handler, in the bytes aiohttp would have written.
+
+Most clients sit in a cell whose near-equal pool is settled (``Router.settled``): their answer
+is a draw from the pool and text made once per file and once per pool and node. The others get
+the answer of the request's plan (``plan_from_memory``), as the handler would.
 
 Anything else gets None and takes aiohttp's path: other endpoints, a percent-encoded first path
 segment, methods other than GET and HEAD, HTTP/1.0 and ``Connection: close`` (aiohttp words the
