@@ -803,7 +803,7 @@ class Prepared(NamedTuple):
     #: Indexed by ``Tier``; None where the cell has no node of the tier.
     tiers: tuple[PreparedTier | None, ...]
     #: Every node whose status was read, by id, with its tier and distance: a change to
-    #: another node cannot alter this (nor can some changes to these: ``still_exact``).
+    #: another node cannot alter this (nor can some changes to these: ``after_change``).
     looked_at: Mapping[str, tuple[Tier, float | None]]
     #: The ids of the nodes the tiers list.
     listed: frozenset[str]
@@ -867,40 +867,29 @@ def prepare(
     return Prepared(tuple(tiers), looked_at, named, {})
 
 
-def still_exact(
-    prepared: Prepared, node_id: str, status: NodeStatus, policy: RoutingConfig
-) -> bool:
-    """Whether ``prepared`` holds for a new status of ``node_id``, one of the nodes it looked at.
-
-    It does when the node was not listed and still would not be: it takes no clients, is at
-    capacity, or scores past its tier's exact bound. The nodes scoring within each bound, and
-    so what each tier lists, are then the same (a walk made now could stop elsewhere, past
-    the bound, which only makes it exact further).
-    """
-    if node_id in prepared.listed:
-        return False
-    if not _takes_clients(status, policy) or _at_capacity(status):
-        return True
-    tier, distance = prepared.looked_at[node_id]
-    view = prepared.tiers[tier]
-    return view is None or score(distance, status, policy) > view.exact_to
-
-
-def rescored(
+def after_change(
     prepared: Prepared, node_id: str, status: NodeStatus, policy: RoutingConfig
 ) -> Prepared | None:
-    """``prepared`` for a new status of a node it lists, when only the node's score moved
-    within its tier's exact bound: the same nodes within the bound, in order again. None when
-    it must be prepared again (the node no longer takes clients or is at capacity, scores past
-    the bound, or the tier's near-equal band would reach past it)."""
-    if node_id not in prepared.listed or not _takes_clients(status, policy):
-        return None
-    if _at_capacity(status):
-        return None
+    """``prepared`` under a new status of ``node_id``, one of the nodes it looked at, or None
+    when it must be prepared again.
+
+    It holds as it is when the node was not listed and still would not be: it takes no
+    clients, is at capacity, or scores past its tier's exact bound. The nodes scoring within
+    each bound, and so what each tier lists, are then the same (a walk made now could stop
+    elsewhere, past the bound, which only makes it exact further). A listed node that still
+    takes clients and scores within the bound only moves: the tier is put in order again,
+    unless its near-equal band would then reach past the bound.
+    """
+    listed = node_id in prepared.listed
+    takes = _takes_clients(status, policy) and not _at_capacity(status)
+    if not takes:
+        return None if listed else prepared
     tier, distance = prepared.looked_at[node_id]
     view = prepared.tiers[tier]
     new_score = score(distance, status, policy)
     if view is None or new_score > view.exact_to:
+        return None if listed else prepared
+    if not listed:
         return None
     moved = [
         (c._replace(score=new_score) if c.node.id == node_id else c, checked)

@@ -24,6 +24,7 @@ from gateway.policy import (
     Prepared,
     Ranked,
     Tier,
+    after_change,
     decide,
     decide_prepared,
     decide_ranked,
@@ -31,9 +32,7 @@ from gateway.policy import (
     prepare,
     rank_nodes,
     rank_rest,
-    rescored,
     settled_decision,
-    still_exact,
 )
 from gateway.state import NO_LIVE_STATE, NODE_ASSUMED_UP, NodeStatuses
 from gateway.targets import node_url, upstream_url
@@ -60,7 +59,7 @@ PREPARED_SLACK = 8
 #: behind a proxy.
 PLACEMENTS = 65_536
 #: Changed nodes past which every preparation is dropped at once, rather than each one found
-#: through the nodes it read and checked (``still_exact``). Checking costs about a microsecond
+#: through the nodes it read and checked (``after_change``). Checking costs about a microsecond
 #: per (node, reader), preparing again 0.1-0.3 ms per cell: a redirect window that changes a
 #: few hundred of 10,000 nodes still keeps a third of the cells.
 FORGET_ALL_AT = 2048
@@ -330,7 +329,7 @@ class Router:
 
     def _forget_changed(self, changes: ChangeLog, statuses: NodeStatuses) -> None:
         """Drop the preparations that read a node changed since they were made, unless they
-        still hold for its new status (``still_exact``) or only its score moved (``rescored``)."""
+        hold under its new status, as they are or put in order again (``after_change``)."""
         version, seen = changes.version, self._prepared_version
         if version == seen:
             return
@@ -345,12 +344,10 @@ class Router:
             status = statuses.get(node_id, NODE_ASSUMED_UP)
             for cell in list(self._readers.get(node_id, ())):
                 prepared = self._prepared[cell]
-                if still_exact(prepared, node_id, status, policy):
-                    continue
-                again = rescored(prepared, node_id, status, policy)
+                again = after_change(prepared, node_id, status, policy)
                 if again is None:
                     self._forget(cell)
-                else:
+                elif again is not prepared:
                     self._prepared[cell] = again  # it read the same nodes
 
     def _forget_all(self) -> None:

@@ -402,7 +402,7 @@ def test_a_settled_pool_is_drawn_from_as_route_draws(
     """With nodes that hold every file, a cell's pool is settled once a request has walked it.
     Whenever ``Router.settled`` then decides (the pool has no caches' group, whose pick is by
     file), it decides as ``route`` does, drawing the same number from the RNG. Every node is
-    up at first, then nodes change: preparations kept through a change (``still_exact``) must
+    up at first, then nodes change: preparations kept through a change (``after_change``) must
     still decide as the full evaluation."""
     live = LiveState(nodes, vantage="here", probing=True)
     for node, latency in zip(nodes, latencies, strict=False):
@@ -469,7 +469,7 @@ def test_a_listed_node_whose_score_moves_is_put_in_order_not_prepared_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Load moves a listed node's score within its tier's exact bound: the preparation is
-    kept with the node in its new place (``rescored``), and decides as the full evaluation."""
+    kept with the node in its new place (``after_change``), and decides as the full evaluation."""
     client = replace(BEIJING, asn=None, asn_org=None)
     nodes = world(20)
     live = LiveState(nodes, vantage="here", probing=True)
@@ -497,6 +497,32 @@ def test_a_listed_node_whose_score_moves_is_put_in_order_not_prepared_again(
     assert_decides_as_full(moved, full)
     assert moved.candidates[0].node != best.node
     assert best.node in [c.node for c in moved.candidates]
+
+
+def test_a_read_node_that_comes_up_within_the_bound_is_prepared_again() -> None:
+    """The nearest node was down when its cell was prepared (read, not listed). Up again, it
+    scores within the tier's exact bound, so the preparation is made again and lists it."""
+    client = replace(BEIJING, asn=None, asn_org=None)
+    nodes = world(20)
+    nearest = min(nodes, key=lambda node: distance_to(node, client) or 0.0)
+    live = LiveState(nodes, vantage="here", probing=True)
+    for node in nodes:
+        if node is not nearest:
+            up(live, node.id, 10.0, 1.0)
+    config = GatewayConfig(nodes=nodes)
+    router, reference = (
+        Router(config, FixedLocator({ip(1): client}), random.Random(1)) for _ in "ab"
+    )
+    first = router.route(REF, address(1), live.statuses, changes=live).decision
+    reference.route(REF, address(1), live.statuses, full=True)
+    (prepared,) = router._prepared.values()
+    assert nearest.id in prepared.looked_at and nearest.id not in prepared.listed
+    up(live, nearest.id, 10.0, 2.0)
+    later = router.route(REF, address(1), live.statuses, changes=live).decision
+    full = reference.route(REF, address(1), live.statuses, full=True).decision
+    assert_decides_as_full(later, full)
+    assert nearest not in [c.node for c in first.candidates]
+    assert later.candidates[0].node is nearest
 
 
 def test_evicted_preparations_leave_no_readers_behind(monkeypatch: pytest.MonkeyPatch) -> None:
