@@ -7,9 +7,10 @@ much as routing it, so the connection (``server.GatewayRequestHandler``) hands s
 here and writes the answer itself: the same decision, metrics, load count, access log line
 and headers as the ``resolve`` handler, in the bytes aiohttp would have written.
 
-Most clients sit in a cell whose near-equal pool is settled (``Router.settled``): their answer
-is a draw from the pool and text made once per file and once per pool and node. The others get
-the answer of the request's plan (``plan_from_memory``), as the handler would.
+Most clients sit in a cell whose near-equal pool is settled (``Router.settled``: no node in it
+is checked per file): their answer is a draw from the pool (a caches' group picking by the file)
+and text made once per file and once per pool and node. The others get the answer of the
+request's plan (``plan_from_memory``), as the handler would.
 
 Anything else gets None and takes aiohttp's path: other endpoints, a percent-encoded first path
 segment, methods other than GET and HEAD, HTTP/1.0 and ``Connection: close`` (aiohttp words the
@@ -45,8 +46,9 @@ from gateway.memo import BoundedMemo
 from gateway.metalink import METALINK_SUFFIX, link_layout, links_metalink, wants_metalink
 from gateway.planner import Plan, UpstreamOnly, plan_from_memory
 from gateway.policy import Decision
-from gateway.router import PRIVATE_CACHE_CONTROL, Placement, Route
+from gateway.router import PRIVATE_CACHE_CONTROL, Placement, Route, route_key
 from gateway.runtime import Runtime
+from gateway.sync import FileHolders, SyncTracker
 from gateway.targets import default_path, node_url
 
 #: What aiohttp's writer refuses in a header value (a value must not be able to add a header):
@@ -78,6 +80,10 @@ class _FileText(NamedTuple):
     between: str
     #: Whether the ``Link`` header names the file's Metalink.
     described: bool
+    #: What a caches' group picks by (``route_key``), and its caches holding the file. The
+    #: holders read the sync tracker of the runtime whose catalog made ``revision``.
+    key: str
+    holders: FileHolders
 
 
 #: Files redirected to from a settled pool, by the file as requested.
@@ -134,7 +140,7 @@ def serialized_redirect(headers: dict[str, str], body: str) -> bytes | None:
     return encoded if _only_line_ends(encoded, line_ends) else None
 
 
-def _file_text(revision: RepoRevision, ref: FileRef) -> _FileText | None:
+def _file_text(revision: RepoRevision, ref: FileRef, sync: SyncTracker) -> _FileText | None:
     """None when the file is not in the entry, or a value upstream gave is not fit for a
     header (the planned path then finds the same)."""
     try:
@@ -158,6 +164,8 @@ def _file_text(revision: RepoRevision, ref: FileRef) -> _FileText | None:
         before,
         between,
         links_metalink(revision.files, ref.filename),
+        route_key(pinned),
+        FileHolders(sync, pinned),
     )
 
 
@@ -182,13 +190,17 @@ def _settled_answer(
         return None  # a shared answer, with its own caching headers
     file = _file_texts.get(ref)
     if file is None or file.revision is not revision:
-        file = _file_text(revision, ref)
+        file = _file_text(revision, ref, runtime.sync)
         if file is None:
             return None
         _file_texts.put(ref, file)
-    router, live = runtime.router, runtime.store.live
+    store = runtime.store
+    live = store.live
     started = time.perf_counter()
-    decision = router.settled(placement.cell, live.statuses, live, runtime.sync)
+    decision = runtime.router.settled(
+        placement.cell, live.statuses, live, runtime.sync,
+        key=file.key, recent=store.redirects.current, warm_caches=file.holders,
+    )  # fmt: skip
     seconds = time.perf_counter() - started
     if decision is None:
         return None

@@ -938,6 +938,40 @@ def _admit(
     return accepted if limit <= view.exact_to else None
 
 
+def _prepared_pool(
+    prepared: Prepared,
+    policy: RoutingConfig,
+    keep: int,
+    unavailable: Callable[[NodeConfig], str | None] | None,
+) -> tuple[FirstPool | None, bool]:
+    """``_first_pool`` over the prepared tiers, and whether it is the same for every file (it
+    read no tier with a node checked per file), as it is then remembered. With no
+    ``unavailable``, a checked tier is not read: the answer is (None, False)."""
+    pools = prepared.settled_pools
+    if keep in pools:
+        return pools[keep], True
+    views = prepared.tiers
+    read_checked = False
+
+    def admit(tier: Tier, need: int, pool: bool) -> list[Candidate] | None:
+        nonlocal read_checked
+        view = views[tier]
+        assert view is not None  # _first_pool asks only of tiers that have nodes
+        settled = view.settled
+        if settled is None:
+            read_checked = True
+            return None if unavailable is None else _admit(view, need, pool, policy, unavailable)
+        key = (need, pool)
+        if key not in settled:
+            settled[key] = _admit(view, need, pool, policy, _holds_everything)
+        return settled[key]
+
+    found = _first_pool(admit, views, policy, keep)
+    if not read_checked:
+        pools[keep] = found
+    return found, not read_checked
+
+
 def decide_prepared(
     prepared: Prepared,
     policy: RoutingConfig,
@@ -952,45 +986,29 @@ def decide_prepared(
     """``decide_ranked``'s decision, from a preparation under the same live state: None when
     it cannot tell (no tier has a node that takes clients and holds the file, or too many of
     the listed nodes lack it), for ``decide_ranked`` to take."""
-    views = prepared.tiers
-    pools = prepared.settled_pools
-    if keep in pools:
-        found = pools[keep]
-    else:
-        read_checked = False
-
-        def admit(tier: Tier, need: int, pool: bool) -> list[Candidate] | None:
-            nonlocal read_checked
-            view = views[tier]
-            assert view is not None  # _first_pool asks only of tiers that have nodes
-            settled = view.settled
-            if settled is None:
-                read_checked = True
-                return _admit(view, need, pool, policy, unavailable)
-            key = (need, pool)
-            if key not in settled:
-                settled[key] = _admit(view, need, pool, policy, _holds_everything)
-            return settled[key]
-
-        found = _first_pool(admit, views, policy, keep)
-        if not read_checked:
-            pools[keep] = found
+    found, _ = _prepared_pool(prepared, policy, keep, unavailable)
     if found is None:
         return None
     return _choose_first(found, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
 
 
-def settled_decision(prepared: Prepared, rng: random.Random, keep: int) -> Decision | None:
-    """``decide_prepared``'s decision, when it is the same for every file: a request before
-    settled the pool, and it has no caches' group (whose pick depends on the file). None
-    otherwise, for ``decide_prepared`` to take."""
-    found = prepared.settled_pools.get(keep)
-    if found is None or found[0].caches:
+def settled_decision(
+    prepared: Prepared,
+    policy: RoutingConfig,
+    rng: random.Random,
+    *,
+    key: str,
+    recent: Mapping[str, int] | None,
+    warm_caches: Container[str],
+    keep: int,
+) -> Decision | None:
+    """``decide_prepared``'s decision, when no node its pool is chosen from is checked per
+    file: the pool is then the same for every file, made once and remembered. None otherwise,
+    for ``decide_prepared`` to take, before it draws."""
+    found, same_for_every_file = _prepared_pool(prepared, policy, keep, None)
+    if found is None or not same_for_every_file:
         return None
-    draw, shown = found
-    chosen = draw_by_weight(draw, rng)
-    assert chosen is not None  # a settled pool is not empty
-    return Decision(chosen.node, _TIER_REASON[chosen.tier], shown, ())
+    return _choose_first(found, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
 
 
 def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[Candidate]:

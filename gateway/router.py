@@ -7,7 +7,7 @@ built once per config (start or reload) and is immutable afterwards.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import NamedTuple, Protocol
@@ -247,7 +247,7 @@ class Router:
         the walks of a cell be prepared once for as long as the nodes they read are unchanged.
         """
         location, from_cdn_only = self.locate(client)
-        key = f"{ref.repo_type}/{ref.repo_id}/{ref.revision}/{ref.filename}"
+        key = route_key(ref)
         routing = self.config.routing
         if full:
             unavailable = {
@@ -297,13 +297,24 @@ class Router:
         )  # fmt: skip
 
     def settled(
-        self, cell: Cell, statuses: NodeStatuses, changes: ChangeLog, lacks: LackCheck
+        self,
+        cell: Cell,
+        statuses: NodeStatuses,
+        changes: ChangeLog,
+        lacks: LackCheck,
+        *,
+        key: str,
+        recent: Mapping[str, int] | None,
+        warm_caches: Container[str],
     ) -> Decision | None:
-        """A redirect's decision for a client in ``cell`` when it is the same for every file
-        (``settled_decision``): the same decision ``route`` takes then, and the same draw. None
-        when ``route`` must decide."""
+        """A redirect's decision for a client in ``cell`` when no node it is chosen among is
+        checked per file (``settled_decision``): the same decision ``route`` takes then for the
+        file of ``key`` (``route_key``), and the same draw. None when ``route`` must decide."""
         prepared = self._prepared_for(cell, statuses, changes, lacks)
-        return settled_decision(prepared, self._rng, self._sources_named)
+        return settled_decision(
+            prepared, self.config.routing, self._rng, key=key, recent=recent,
+            warm_caches=warm_caches, keep=self._sources_named,
+        )  # fmt: skip
 
     def _prepared_for(
         self, cell: Cell, statuses: NodeStatuses, changes: ChangeLog, lacks: LackCheck
@@ -364,6 +375,11 @@ class Router:
                 readers.discard(cell)
                 if not readers:
                     del self._readers[node_id]
+
+
+def route_key(ref: FileRef) -> str:
+    """What a caches' group picks its cache by (rendezvous): the file at the commit served."""
+    return f"{ref.repo_type}/{ref.repo_id}/{ref.revision}/{ref.filename}"
 
 
 def _keep(cache: dict[Cell, Ranked], size: int, cell: Cell, ranked: Ranked) -> None:

@@ -688,7 +688,24 @@ async def verify_sample(
 # --------------------------------------------------------------------------- tracker
 
 
-class FileRevisions:
+class FileHolders:
+    """The nodes whose manifest lists one file at one commit (``holds_exactly``): the warm
+    ones of a caches' group. Each question reads the tracker's holdings as they are then."""
+
+    def __init__(self, tracker: SyncTracker, pinned: FileRef) -> None:
+        self._tracker = tracker
+        self._pinned = pinned
+
+    def __contains__(self, node_id: object) -> bool:
+        if not isinstance(node_id, str):
+            return False
+        pinned = self._pinned
+        holdings = self._tracker.holdings.get(node_id)
+        key = (pinned.repo_type, pinned.repo_id)
+        return holds_exactly(holdings, key, pinned.revision, pinned.filename)
+
+
+class FileRevisions(FileHolders):
     """What the nodes hold of one file, worked out per node on demand (``RevisionCheck``).
 
     A request asks only about the nodes its routing walk reaches, so the cost does not grow
@@ -696,8 +713,7 @@ class FileRevisions:
     """
 
     def __init__(self, tracker: SyncTracker, pinned: FileRef, requested: str, now: float) -> None:
-        self._tracker = tracker
-        self._pinned = pinned
+        super().__init__(tracker, pinned)
         self._requested = requested
         self._now = now
         #: Nodes found to serve another commit than the pinned one.
@@ -731,14 +747,6 @@ class FileRevisions:
 
     def revision_for(self, node_id: str) -> str | None:
         return self.other_commits.get(node_id)
-
-    def __contains__(self, node_id: object) -> bool:
-        if not isinstance(node_id, str):
-            return False
-        pinned = self._pinned
-        holdings = self._tracker.holdings.get(node_id)
-        key = (pinned.repo_type, pinned.repo_id)
-        return holds_exactly(holdings, key, pinned.revision, pinned.filename)
 
 
 class SyncTracker:

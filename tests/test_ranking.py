@@ -31,7 +31,7 @@ from gateway.policy import (
     prepare,
     rank_nodes,
 )
-from gateway.router import FRONT, MAX_FRONT, Router
+from gateway.router import FRONT, MAX_FRONT, Router, route_key
 from gateway.state import AdminRecord, LiveState, LoadRecord, NodeStatus, ProbeRecord
 
 # Few distinct places, so that equal distances (and the weight/id tie-break) are common.
@@ -399,9 +399,9 @@ def test_a_settled_pool_is_drawn_from_as_route_draws(
     max_tier: str,
     seed: int,
 ) -> None:
-    """With nodes that hold every file, a cell's pool is settled once a request has walked it.
-    Whenever ``Router.settled`` then decides (the pool has no caches' group, whose pick is by
-    file), it decides as ``route`` does, drawing the same number from the RNG. Every node is
+    """With nodes that hold every file, a cell's pool is settled, the same for every file.
+    ``Router.settled`` then decides as ``route`` does (a caches' group by the file and the
+    caches holding it), drawing the same number from the RNG. Every node is
     up at first, then nodes change: preparations kept through a change (``after_change``) must
     still decide as the full evaluation."""
     live = LiveState(nodes, vantage="here", probing=True)
@@ -419,6 +419,9 @@ def test_a_settled_pool_is_drawn_from_as_route_draws(
             ).decision
             full = reference.route(REF, address(1), live.statuses, revisions=revisions, full=True)
             assert_decides_as_full(routed, full.decision)
+            # Only a client with no node taking clients is left to ``route``.
+            left = routed.reason in {"no_eligible_node", "at_capacity_last_resort"}
+            assert (settled is None) == left
             if settled is not None:
                 assert settled == (routed, router._rng.getstate())
 
@@ -430,7 +433,9 @@ def settled_draw(
     RNG then put back, so that ``route`` draws next as if ``settled`` had not been asked."""
     cell = router.place(str(ip(1)), ForwardingHeaders()).cell
     before = router._rng.getstate()
-    decision = router.settled(cell, live.statuses, live, revisions)
+    decision = router.settled(
+        cell, live.statuses, live, revisions, key=route_key(REF), recent=None, warm_caches=revisions
+    )
     after = router._rng.getstate()
     router._rng.setstate(before)
     return None if decision is None else (decision, after)
@@ -600,3 +605,36 @@ def test_at_capacity_a_cache_holding_the_file_is_the_last_resort_on_every_path()
         explained = reference.route(ref, address(1), full, revisions=revisions, full=True)
         assert fast.reason == explained.decision.reason == "at_capacity_last_resort"
         assert fast.node == explained.decision.node == caches[2]
+
+
+def test_a_settled_caches_group_sends_each_file_to_a_cache_holding_it() -> None:
+    """A pool of near-equal caches is settled like any other: ``Router.settled`` picks by the
+    file, the cache holding it first, as ``route`` does."""
+    client = replace(BEIJING, asn=None, asn_org=None)
+    caches = [
+        NodeConfig(f"cache{i}", f"https://c{i}.example", kind="cache", country="CN",
+                   latitude=39.9, longitude=116.4)
+        for i in range(4)
+    ]  # fmt: skip
+    live = LiveState(caches, vantage="here", probing=True)
+    for cache in caches:
+        up(live, cache.id, 20.0, 0.0)
+    router, reference = twin_routers(caches, client, 100.0, "any", 7)
+    cell = router.place(str(ip(1)), ForwardingHeaders()).cell
+    picked = set()
+    for n in range(20):
+        ref = REF._replace(filename=f"shard-{n}.bin")
+        warm = Lacking(set(), warm=frozenset({f"cache{n % 4}"}))
+        settled = router.settled(
+            cell, live.statuses, live, warm, key=route_key(ref), recent=None, warm_caches=warm
+        )
+        routed = reference.route(ref, address(1), live.statuses, revisions=warm, changes=live)
+        assert settled is not None and settled.node == routed.decision.node == caches[n % 4]
+        cold = Lacking(set())
+        settled = router.settled(
+            cell, live.statuses, live, cold, key=route_key(ref), recent=None, warm_caches=cold
+        )
+        routed = reference.route(ref, address(1), live.statuses, revisions=cold, changes=live)
+        assert settled is not None and settled.node == routed.decision.node
+        picked.add(settled.node.id)
+    assert len(picked) > 1, "cold files should spread over the caches"
