@@ -868,42 +868,55 @@ def prepare(
 
 
 def after_change(
-    prepared: Prepared, node_id: str, status: NodeStatus, policy: RoutingConfig
+    prepared: Prepared, changed: Mapping[str, NodeStatus], policy: RoutingConfig
 ) -> Prepared | None:
-    """``prepared`` under a new status of ``node_id``, one of the nodes it looked at, or None
-    when it must be prepared again.
+    """``prepared`` under the new statuses of ``changed``, nodes it looked at, or None when it
+    must be prepared again.
 
-    It holds as it is when the node was not listed and still would not be: it takes no
-    clients, is at capacity, or scores past its tier's exact bound. The nodes scoring within
-    each bound, and so what each tier lists, are then the same (a walk made now could stop
-    elsewhere, past the bound, which only makes it exact further). A listed node that still
-    takes clients and scores within the bound only moves: the tier is put in order again,
-    unless its near-equal band would then reach past the bound.
+    It holds as it is when no changed node was listed or would be now: each takes no clients,
+    is at capacity, or scores past its tier's exact bound. The nodes scoring within each
+    bound, and so what each tier lists, are then the same (a walk made now could stop
+    elsewhere, past the bound, which only makes it exact further). Listed nodes that still
+    take clients and score within the bound only move: their tiers are put in order again,
+    once for all of them, unless a tier's near-equal band would then reach past its bound.
     """
-    listed = node_id in prepared.listed
-    takes = _takes_clients(status, policy) and not _at_capacity(status)
-    if not takes:
-        return None if listed else prepared
-    tier, distance = prepared.looked_at[node_id]
-    view = prepared.tiers[tier]
-    new_score = score(distance, status, policy)
-    if view is None or new_score > view.exact_to:
-        return None if listed else prepared
-    if not listed:
-        return None
-    moved = [
-        (c._replace(score=new_score) if c.node.id == node_id else c, checked)
-        for c, checked in zip(view.candidates, view.checked, strict=True)
-    ]
-    moved.sort(key=lambda pair: _by_preference(pair[0]))
-    best = moved[0][0].score
-    if best + max(policy.near_equal_km, best * policy.near_equal_ratio) > view.exact_to:
-        return None
-    checked = tuple(flag for _, flag in moved)
+    moved_scores: dict[str, float] = {}
+    moved_tiers: set[Tier] = set()
+    for node_id, status in changed.items():
+        listed = node_id in prepared.listed
+        if not (_takes_clients(status, policy) and not _at_capacity(status)):
+            if listed:
+                return None
+            continue
+        tier, distance = prepared.looked_at[node_id]
+        view = prepared.tiers[tier]
+        new_score = score(distance, status, policy)
+        if view is None or new_score > view.exact_to:
+            if listed:
+                return None
+            continue
+        if not listed:
+            return None
+        moved_scores[node_id] = new_score
+        moved_tiers.add(tier)
+    if not moved_scores:
+        return prepared
     tiers = list(prepared.tiers)
-    tiers[tier] = PreparedTier(
-        tuple(c for c, _ in moved), checked, view.exact_to, None if any(checked) else {}
-    )
+    for tier in moved_tiers:
+        view = tiers[tier]
+        assert view is not None  # it lists a moved node
+        moved = [
+            (c._replace(score=moved_scores[c.node.id]) if c.node.id in moved_scores else c, flag)
+            for c, flag in zip(view.candidates, view.checked, strict=True)
+        ]
+        moved.sort(key=lambda pair: _by_preference(pair[0]))
+        best = moved[0][0].score
+        if best + max(policy.near_equal_km, best * policy.near_equal_ratio) > view.exact_to:
+            return None
+        checked = tuple(flag for _, flag in moved)
+        tiers[tier] = PreparedTier(
+            tuple(c for c, _ in moved), checked, view.exact_to, None if any(checked) else {}
+        )
     return Prepared(tuple(tiers), prepared.looked_at, prepared.listed, {})
 
 

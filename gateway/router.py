@@ -34,7 +34,7 @@ from gateway.policy import (
     rank_rest,
     settled_decision,
 )
-from gateway.state import NO_LIVE_STATE, NODE_ASSUMED_UP, NodeStatuses
+from gateway.state import NO_LIVE_STATE, NODE_ASSUMED_UP, NodeStatus, NodeStatuses
 from gateway.targets import node_url, upstream_url
 
 PRIVATE_CACHE_CONTROL = "private, no-store"
@@ -340,7 +340,7 @@ class Router:
 
     def _forget_changed(self, changes: ChangeLog, statuses: NodeStatuses) -> None:
         """Drop the preparations that read a node changed since they were made, unless they
-        hold under its new status, as they are or put in order again (``after_change``)."""
+        hold under the new statuses, as they are or put in order again (``after_change``)."""
         version, seen = changes.version, self._prepared_version
         if version == seen:
             return
@@ -350,16 +350,21 @@ class Router:
         if nodes is None or len(nodes) > FORGET_ALL_AT:
             self._forget_all()
             return
-        policy = self.config.routing
+        # Per cell, every change it read at once: a cell read by several changed nodes is
+        # put in order once.
+        changed_in: dict[Cell, dict[str, NodeStatus]] = {}
         for node_id in nodes:
             status = statuses.get(node_id, NODE_ASSUMED_UP)
-            for cell in list(self._readers.get(node_id, ())):
-                prepared = self._prepared[cell]
-                again = after_change(prepared, node_id, status, policy)
-                if again is None:
-                    self._forget(cell)
-                elif again is not prepared:
-                    self._prepared[cell] = again  # it read the same nodes
+            for cell in self._readers.get(node_id, ()):
+                changed_in.setdefault(cell, {})[node_id] = status
+        policy = self.config.routing
+        for cell, read in changed_in.items():
+            prepared = self._prepared[cell]
+            again = after_change(prepared, read, policy)
+            if again is None:
+                self._forget(cell)
+            elif again is not prepared:
+                self._prepared[cell] = again  # it read the same nodes
 
     def _forget_all(self) -> None:
         self._prepared.clear()

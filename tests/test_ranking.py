@@ -383,7 +383,7 @@ def test_prepared_walks_follow_every_status_change(
     nodes=nodes,
     client=clients,
     latencies=st.lists(st.floats(0, 300), min_size=60, max_size=60),
-    changes=st.lists(status_changes, min_size=1, max_size=20),
+    changes=st.lists(st.lists(status_changes, min_size=1, max_size=4), min_size=1, max_size=12),
     warm=st.sets(st.integers(0, 59)),
     near_km=st.sampled_from([0.0, 100.0, 5000.0]),
     max_tier=tiers,
@@ -393,7 +393,7 @@ def test_a_settled_pool_is_drawn_from_as_route_draws(
     nodes: list[NodeConfig],
     client: Location,
     latencies: list[float],
-    changes: list[tuple],
+    changes: list[list[tuple]],
     warm: set[int],
     near_km: float,
     max_tier: str,
@@ -402,15 +402,15 @@ def test_a_settled_pool_is_drawn_from_as_route_draws(
     """With nodes that hold every file, a cell's pool is settled, the same for every file.
     ``Router.settled`` then decides as ``route`` does (a caches' group by the file and the
     caches holding it), drawing the same number from the RNG. Every node is
-    up at first, then nodes change: preparations kept through a change (``after_change``) must
-    still decide as the full evaluation."""
+    up at first, then nodes change, a few at a time: preparations kept through changes
+    (``after_change``) must still decide as the full evaluation."""
     live = LiveState(nodes, vantage="here", probing=True)
     for node, latency in zip(nodes, latencies, strict=False):
         up(live, node.id, latency, 0.0)
     revisions = Lacking(set(), warm=frozenset(n.id for i, n in enumerate(nodes) if i in warm))
     router, reference = twin_routers(nodes, client, near_km, max_tier, seed)
-    for step, change in enumerate(changes, start=1):
-        if nodes:
+    for step, batch in enumerate(changes, start=1):
+        for change in batch if nodes else ():
             apply_change(live, nodes[change[0] % len(nodes)], change, float(step))
         for _ in range(2):
             settled = settled_draw(router, live, revisions)
