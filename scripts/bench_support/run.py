@@ -35,6 +35,8 @@ import yaml
 
 from bench_support import hub, load, procs, profiling, world
 from bench_support.procs import BenchError, Processes, Server
+from gateway.config import StateConfig
+from gateway.store import SETTLE_S as ESTIMATES_SETTLE_S
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
@@ -61,6 +63,11 @@ TARGET_RATIO = 0.70
 TARGET_P99_FACTOR = 2.0
 TARGET_SCALING = 1.7
 TARGET_NODES_DROP = 0.20
+#: A gateway's warm-up run outlasts its first redirect window and the settling of that
+#: window's load estimates. They give every node that publishes no load its first estimate at
+#: once (1,000 of 10,000 nodes), which a process does once, after it starts; measured runs
+#: then see the routine windows of a gateway in service (a few hundred changes each).
+GATEWAY_WARMUP_S = StateConfig().redirect_window_s + ESTIMATES_SETTLE_S + 1.0
 
 
 @dataclass(frozen=True)
@@ -350,7 +357,7 @@ class Bench:
             report = self.warm(label, gateway.port, self.warm_pairs(workers))
             row.failures += report.problems[:5]
             row.node_share = 1 - report.to_upstream / max(1, report.answers)
-            self.measure(gateway, self.options.warmup_s)
+            self.measure(gateway, GATEWAY_WARMUP_S)
             progress(f"{label}: measuring the gateway for {self.options.duration_s:g} s")
             row.gateway = self.measure(gateway, self.options.duration_s)
             row.rss_mib = [r for p in procs.workers_of(gateway.pid)[0] if (r := procs.rss_mib(p))]
@@ -413,7 +420,7 @@ class Bench:
         gateway = self.start_gateway(f"gateway-profile-n{nodes}", nodes, 1)
         try:
             self.warm(f"profile/n{nodes}", gateway.port, self.warm_pairs(1))
-            self.measure(gateway, self.options.warmup_s)
+            self.measure(gateway, GATEWAY_WARMUP_S)
             progress(f"profile/n{nodes}: profiling for {self.options.duration_s:g} s")
             worker = procs.workers_of(gateway.pid)[0][0]
             output = self.workdir / f"profile-n{nodes}.txt"
@@ -568,7 +575,9 @@ def print_method(bench: Bench) -> None:
         f"{_first_line(['redis-server', '--version']).split(' sha=')[0]}",
         f"code:      {_code_state()}",
         f"load:      wrk, {o.threads} thread(s), {o.connections} keep-alive connections, "
-        f"{o.duration_s:g} s per measured run after a {o.warmup_s:g} s warm-up run; "
+        f"{o.duration_s:g} s per measured run after a warm-up run ({o.warmup_s:g} s for the "
+        f"baseline, {GATEWAY_WARMUP_S:g} s for the gateway: past its first redirect window's "
+        "load estimates); "
         f"wrk request timeout {load.WRK_TIMEOUT_S} s",
         f"requests:  GET of {len(bench.paths):,} resolve paths ({LOAD_REPOS} repos x "
         f"{LOAD_FILES} files, by branch and by commit), each from one of "
