@@ -1018,10 +1018,25 @@ def settled_decision(
     """``decide_prepared``'s decision, when no node its pool is chosen from is checked per
     file: the pool is then the same for every file, made once and remembered. None otherwise,
     for ``decide_prepared`` to take, before it draws."""
-    found, same_for_every_file = _prepared_pool(prepared, policy, keep, None)
-    if found is None or not same_for_every_file:
+    pools = prepared.settled_pools
+    if keep in pools:
+        found = pools[keep]
+    else:
+        found, same_for_every_file = _prepared_pool(prepared, policy, keep, None)
+        if not same_for_every_file:
+            return None
+    if found is None:
         return None
-    return _choose_first(found, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
+    draw, shown = found
+    if draw.caches:
+        chosen = _choose_in_pool(
+            draw, policy, rng, key=key, recent=recent, warm_caches=warm_caches
+        )  # fmt: skip
+    else:
+        # The common case, without the calls around it: the same draw.
+        chosen = draw_by_weight(draw, rng)
+    assert chosen is not None  # the pool is not empty
+    return Decision(chosen.node, _TIER_REASON[chosen.tier], shown, ())
 
 
 def near_equals(candidates: Sequence[Candidate], policy: RoutingConfig) -> list[Candidate]:
