@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from gateway.geo import MaxMindLocator
 from gateway.router import Router
 from gateway.runtime import RUNTIME
 from gateway.server import FastAnswer, GatewayRunner, build_runtime, fast_answer_for
+from gateway.sync import CommitHolding, NodeHoldings
 
 DATASET_FILE = "/datasets/acme/data/resolve/main/data/train-00000.parquet"
 
@@ -238,6 +240,30 @@ async def test_draws_in_a_pool_of_near_equal_nodes_are_the_bytes_aiohttp_writes(
     assert answers[0] == answers[1]
     met = {dict(line.split(": ", 1) for line in head[1:])["X-Mirror-Node"] for head in answers[0]}
     assert len(met) > 1, "the draws should meet several nodes"
+
+
+def hold(gateway: Gateway, node_id: str, commit: str, path: str) -> None:
+    """As if ``node_id``'s manifest listed ``path`` of the tiny model at ``commit``."""
+    holding = CommitHolding(synced_at=0.0, files={path: (1, "0" * 64)})
+    commits = {("model", "acme/tiny-model"): {commit: holding}}
+    sync = gateway.server.app[RUNTIME].sync
+    sync.holdings[node_id] = NodeHoldings(node_id, commits, {}, 0.0, 0.0)
+
+
+async def test_a_caches_group_sends_a_file_to_the_cache_holding_it(
+    make_gateway: MakeGateway,
+) -> None:
+    """Of two near-equal caches, the one whose manifest lists the file takes every redirect
+    the caches' group gets, from a settled pool as from aiohttp's handler."""
+    nodes = near_beijing(3) + near_beijing(5, kind="cache")[3:]
+    requests = [request(CONFIG_JSON, X_Forwarded_For=BEIJING_IP)] * 60
+    for fast_path in (True, False):
+        gateway = await make_gateway(fast_path, nodes=nodes)
+        (first,) = await exchange(gateway, request(CONFIG_JSON), 1)
+        hold(gateway, "bj3", first.headers["X-Repo-Commit"], "config.json")
+        met = Counter(a.headers["X-Mirror-Node"] for a in await exchange_each(gateway, requests))
+        assert met["bj3"] > 0 and met["bj4"] == 0, met
+        assert gateway.answered_fast == (len(requests) if fast_path else 0)
 
 
 async def test_pipelined_requests_are_answered_in_order(make_gateway: MakeGateway) -> None:
