@@ -362,7 +362,7 @@ async def _close_quietly(pubsub: PubSub, client: Redis) -> None:
     """Close a connection pair without ever hanging on a server that stopped answering."""
     try:
         async with asyncio.timeout(CLOSE_TASK_S):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            await pubsub.aclose()
             await client.aclose()
     except (TimeoutError, *_REDIS_FAILURES) as exc:
         logger.debug("state store: closing a connection failed: %s", _describe(exc))
