@@ -17,8 +17,6 @@ from urllib.parse import urlsplit
 
 import uvloop
 
-from gateway.admin import ACTIONS
-from gateway.clientip import ClientAddress, parse_ip
 from gateway.config import (
     ADMIN_TOKEN_ENV_VAR,
     CONFIG_ENV_VAR,
@@ -28,10 +26,12 @@ from gateway.config import (
     resolve_config_path,
 )
 from gateway.explain import route_report
-from gateway.geo import GeoDataError
-from gateway.hfpath import PathError, parse_resolve_path
+from gateway.geo.clientip import ClientAddress, parse_ip
+from gateway.geo.locator import GeoDataError
+from gateway.hf.paths import PathError, parse_resolve_path
 from gateway.logs import configure_logging
-from gateway.server import build_router, serve
+from gateway.web.admin import ACTIONS
+from gateway.web.server import build_router, serve
 from gateway.workers import WORKER_FLAG, Supervisor
 
 log = logging.getLogger("gateway")
@@ -116,7 +116,7 @@ def _explain(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     cdn_country = args.cdn_country.upper() if args.cdn_country else None
     client = ClientAddress(ip=ip, source="peer", cdn_country=cdn_country)
-    report = route_report(router.route(ref, client, full=True))
+    report = route_report(router.route(ref, router.placement(client), explain=True))
     print(json.dumps(report, indent=2, ensure_ascii=False))
     router.locator.close()
     return 0

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.countries import CONTINENTS, lookup_country
+from gateway.geo.countries import CONTINENTS, lookup_country
 
 CONFIG_ENV_VAR = "MIRROR_GATEWAY_CONFIG"
 VANTAGE_ENV_VAR = "MIRROR_GATEWAY_VANTAGE"

@@ -13,15 +13,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.clientip import ClientAddress
 from gateway.config import NodeConfig
-from gateway.geo import Location
-from gateway.hfpath import FileRef, resolve_path_for
-from gateway.planner import Plan, UpstreamOnly, plan_route
-from gateway.policy import Candidate, ChoiceReason, Exclusion, distance_to, tier_of
-from gateway.router import Route
+from gateway.geo.clientip import ClientAddress
+from gateway.geo.locator import Location
+from gateway.hf.paths import FileRef, resolve_path_for
+from gateway.routing.router import Route
+from gateway.routing.rule import Candidate, ChoiceReason, Exclusion, distance_to, tier_of
 from gateway.runtime import Runtime
-from gateway.state import NO_LIVE_STATE, NODE_ASSUMED_UP, NodeStatus, NodeStatuses
+from gateway.state.live import NO_LIVE_STATE, NODE_ASSUMED_UP, NodeStatus, NodeStatuses
+from gateway.web.plan import Plan, UpstreamOnly, plan_route
 
 UPSTREAM_ONLY = "upstream only (private or gated)"
 
@@ -220,10 +220,11 @@ async def explain_request(
     operator chose the client address. Raises ``CatalogError`` as ``plan_route`` does.
     """
     now = time.time()
+    placement = runtime.router.placement(client)
     try:
-        plan = await plan_route(runtime, ref, client, now=now, full=True)
+        plan = await plan_route(runtime, ref, placement, now=now, explain=True)
     except UpstreamOnly:
-        location, _ = runtime.router.locate(client)
+        location = placement.location
         return {
             "request": _request(ref, None, override),
             "client": _client(client, location),

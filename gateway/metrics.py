@@ -48,7 +48,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from gateway.countries import CONTINENTS, country_table
+from gateway.geo.countries import CONTINENTS, country_table
 
 PREFIX = "mirror_gateway"
 MULTIPROC_ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"

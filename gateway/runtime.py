@@ -7,25 +7,13 @@ import time
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.catalog import Catalog
-from gateway.memo import BoundedMemo
+from gateway.hf.catalog import Catalog
+from gateway.hf.upstream import UpstreamProxy
 from gateway.metrics import GatewayMetrics, GatewaySample, NodeSample
-from gateway.policy import Candidate
-from gateway.probe import Prober
-from gateway.router import Router
-from gateway.store import StateStore
-from gateway.sync import SyncTracker
-from gateway.upstream import UpstreamProxy
-
-#: Redirect ``Link`` header layouts remembered (``metalink.link_header``), per config.
-LINK_LAYOUTS = 4096
-LinkLayouts = BoundedMemo[tuple[object, ...], tuple[str, ...]]
-#: A redirect's text from the chosen node's id to the end of its ``Link`` header, split where
-#: the file's path goes (``fastlane``), remembered per config for this many pools and nodes.
-NODE_TEXTS = 16_384
-#: By the decision's candidates (by identity: a settled pool's are one tuple, which the entry
-#: holds on to), the node's id and whether the Metalink is linked.
-NodeTexts = BoundedMemo[tuple[int, str, bool], tuple[tuple[Candidate, ...], tuple[str, ...]]]
+from gateway.routing.router import Router
+from gateway.state.probe import Prober
+from gateway.state.store import StateStore
+from gateway.state.sync import SyncTracker
 
 
 class Runtime:
@@ -45,9 +33,6 @@ class Runtime:
         metrics_dir: str | None = None,
     ) -> None:
         self.router = router
-        #: Derived from the router's config, so replaced with it.
-        self.link_layouts = LinkLayouts(LINK_LAYOUTS)
-        self.node_texts = NodeTexts(NODE_TEXTS)
         self.store = store
         self.prober = prober
         self.catalog = catalog
@@ -62,8 +47,6 @@ class Runtime:
 
     def adopt(self, router: Router) -> None:
         self.router = router
-        self.link_layouts = LinkLayouts(LINK_LAYOUTS)
-        self.node_texts = NodeTexts(NODE_TEXTS)
         self.store.reconfigure(router.config.nodes)
         if self.prober is not None:
             self.prober.reconfigure(router.config.nodes, router.config.probing)

@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis_server import RedisServer, free_port
 
-from gateway import catalog as catalog_module
-from gateway.catalog import (
+from gateway.config import CatalogConfig, RedisConfig, UpstreamConfig
+from gateway.hf import catalog as catalog_module
+from gateway.hf.catalog import (
     REDIS_RETRY_S,
     USER_AGENT,
     Catalog,
@@ -45,8 +46,7 @@ from gateway.catalog import (
     parse_revision_info,
     parse_tree_page,
 )
-from gateway.config import CatalogConfig, RedisConfig, UpstreamConfig
-from gateway.hfpath import RepoType
+from gateway.hf.paths import RepoType
 
 AiohttpServer = Callable[[web.Application], Awaitable[TestServer]]
 

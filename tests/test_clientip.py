@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.clientip import (
+from gateway.config import ClientIPConfig, ForwardedHeader
+from gateway.geo.clientip import (
     ClientAddress,
     ClientIPResolver,
     ClientIPSource,
@@ -16,7 +17,6 @@ from gateway.clientip import (
     IPAddress,
     parse_ip,
 )
-from gateway.config import ClientIPConfig, ForwardedHeader
 
 TRUSTED = ("10.0.0.0/8", "192.0.2.7", "2001:db8:ff::/48", "2001:db8::7")
 CLIENT4 = "203.0.113.9"

@@ -26,14 +26,14 @@ from geoworld import ASHBURN_IP, BEIJING_IP, TOKYO_IP
 from hf_nodes import HfMirrorNode
 from test_http import BAD_PATHS, HF_ERRORS, GatewayTestServer, gateway_config, raw_exchange
 
-from gateway.app import create_app
 from gateway.config import GatewayConfig, GeoIPConfig
 from gateway.explain import render_html
-from gateway.geo import MaxMindLocator
-from gateway.router import Router
+from gateway.geo.locator import MaxMindLocator
+from gateway.routing.router import Router
 from gateway.runtime import RUNTIME, Runtime
-from gateway.server import build_runtime, handler_limits
-from gateway.state import LoadRecord, ProbeRecord
+from gateway.state.live import LoadRecord, ProbeRecord
+from gateway.web.app import create_app
+from gateway.web.server import build_runtime, handler_limits
 
 ADMIN_TOKEN = "explain-test-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -24,10 +24,10 @@ from geoworld import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gateway.geo
+import gateway.geo.locator
 from gateway.config import GeoIPConfig
-from gateway.countries import CONTINENTS, country_table
-from gateway.geo import (
+from gateway.geo.countries import CONTINENTS, country_table
+from gateway.geo.locator import (
     UNKNOWN_LOCATION,
     DatabaseInfo,
     GeoDataError,
@@ -227,7 +227,7 @@ def test_falls_back_when_the_c_extension_is_missing(
 ) -> None:
     monkeypatch.delattr(maxminddb, "extension", raising=False)
     monkeypatch.setitem(sys.modules, "maxminddb.extension", None)
-    assert gateway.geo._open_mode() == maxminddb.MODE_AUTO
+    assert gateway.geo.locator._open_mode() == maxminddb.MODE_AUTO
     assert make_locator(geoip_config).locate(ip(BEIJING_IP)).country == "CN"
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from gateway.hfpath import (
+from gateway.hf.paths import (
     FileRef,
     PathError,
     PathErrorCode,

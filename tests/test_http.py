@@ -12,12 +12,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from fake_hub import FakeHub
 
-from gateway.app import create_app
 from gateway.config import GatewayConfig, GeoIPConfig, config_from_mapping
-from gateway.geo import MaxMindLocator
-from gateway.router import Router
+from gateway.geo.locator import MaxMindLocator
+from gateway.routing.router import Router
 from gateway.runtime import RUNTIME
-from gateway.server import GatewayRunner, build_runtime, fast_answer_for, handler_limits
+from gateway.web.app import create_app
+from gateway.web.connection import make_runner
+from gateway.web.fastpath import fast_answer_for
+from gateway.web.server import build_runtime, handler_limits
 
 CONFIG_JSON = "/acme/tiny-model/resolve/main/config.json"
 MAIN = "853a9daf2c349f8a4b3e618a2961885a5d4f0429"
@@ -55,7 +57,7 @@ class GatewayTestServer(TestServer):
     """A test server running the production runner, so parser-level errors behave as served."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return GatewayRunner(self.app, fast_answer=fast_answer_for(self.app[RUNTIME]), **kwargs)
+        return make_runner(self.app, fast_answer_for(self.app[RUNTIME]), **kwargs)
 
 
 def gateway_config(geoip: GeoIPConfig, upstream_url: str, **sections: Any) -> GatewayConfig:

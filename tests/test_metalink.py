@@ -35,7 +35,9 @@ from test_explain import (
 from test_http import gateway_config
 
 from gateway.config import GeoIPConfig, ResponsesConfig
-from gateway.metalink import (
+from gateway.state.live import ProbeRecord
+from gateway.state.sync import ManifestError, Pieces, parse_manifest
+from gateway.web.metalink import (
     METALINK_TYPE,
     UPSTREAM_PRIORITY,
     Source,
@@ -43,8 +45,6 @@ from gateway.metalink import (
     preferred_type,
     wants_metalink,
 )
-from gateway.state import ProbeRecord
-from gateway.sync import ManifestError, Pieces, parse_manifest
 
 NS = "{urn:ietf:params:xml:ns:metalink}"
 #: What aria2 sends (its follow-metalink default is on).

@@ -22,7 +22,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.countries import CONTINENTS, country_table
+from gateway.geo.countries import CONTINENTS, country_table
 from gateway.metrics import (
     MULTIPROC_ENV_VAR,
     REQUEST_BUCKETS,

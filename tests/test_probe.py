@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from gateway.config import LoadFormat, NodeConfig, ProbeSpec, ProbingConfig
-from gateway.probe import (
+from gateway.state.live import LoadRecord, ProbeRecord
+from gateway.state.probe import (
     USER_AGENT,
     Health,
     LoadFormatError,
@@ -36,7 +37,6 @@ from gateway.probe import (
     parse_status_json,
     probe_once,
 )
-from gateway.state import LoadRecord, ProbeRecord
 
 AiohttpServer = Callable[[web.Application], Awaitable[TestServer]]
 

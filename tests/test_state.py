@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import Capacity, NodeConfig
-from gateway.state import LiveState, LoadRecord, SmoothedRedirects, within_deadband
+from gateway.state.live import LiveState, LoadRecord, SmoothedRedirects, within_deadband
 
 NODE = NodeConfig(id="n", base_url="https://n.example", capacity=Capacity(connections=1000))
 

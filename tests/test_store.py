@@ -22,8 +22,8 @@ from redis.typing import EncodableT, FieldT
 from redis_server import RedisServer
 
 from gateway.config import Capacity, NodeConfig, RedisConfig, StateConfig
-from gateway.state import AdminRecord, LiveState, LoadRecord, ProbeRecord, RedirectCounter
-from gateway.store import (
+from gateway.state.live import AdminRecord, LiveState, LoadRecord, ProbeRecord, RedirectCounter
+from gateway.state.store import (
     SETTLE_S,
     BadRecord,
     InProcessStore,

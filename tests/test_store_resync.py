@@ -29,16 +29,16 @@ from test_store import (
     probe,
 )
 
-import gateway.store
+import gateway.state.store
 from gateway.config import NodeConfig, ProbingConfig, StateConfig
-from gateway.probe import Prober
-from gateway.state import (
+from gateway.state.live import (
     AdminMode,
     AdminRecord,
     LoadRecord,
     ProbeRecord,
 )
-from gateway.store import SETTLE_S, Record, RecordKind, RedisStore, encode_record
+from gateway.state.probe import Prober
+from gateway.state.store import SETTLE_S, Record, RecordKind, RedisStore, encode_record
 
 
 def nodes_named(*names: str) -> tuple[NodeConfig, ...]:
@@ -84,13 +84,13 @@ async def make_store() -> AsyncIterator[MakeStore]:
 def decoded(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str]]:
     """How often the store decoded a record, per (kind, node id)."""
     counts: Counter[tuple[str, str]] = Counter()
-    decode = gateway.store.decode_record
+    decode = gateway.state.store.decode_record
 
     def counting(kind: RecordKind, fields: Mapping[str, str]) -> Record:
         counts[kind, fields.get("node_id", "")] += 1
         return decode(kind, fields)
 
-    monkeypatch.setattr(gateway.store, "decode_record", counting)
+    monkeypatch.setattr(gateway.state.store, "decode_record", counting)
     return counts
 
 
@@ -147,7 +147,7 @@ async def test_a_resync_reads_in_batches_and_applies_each_before_the_next(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway.store")
     batch = 100
-    monkeypatch.setattr(gateway.store, "RESYNC_BATCH", batch)
+    monkeypatch.setattr(gateway.state.store, "RESYNC_BATCH", batch)
     nodes = nodes_named(*(f"n{i:04d}" for i in range(1200)))
     # Keys go out per node as probe, load, admin: 3,600 keys, 36 batches. Batch 18 holds the
     # keys of nodes 600 to 633, among them a wrong-type key and a malformed hash.
@@ -192,7 +192,7 @@ async def test_every_record_of_a_multi_batch_resync_lands_in_its_own_slot(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway.store")
-    monkeypatch.setattr(gateway.store, "RESYNC_BATCH", 7)
+    monkeypatch.setattr(gateway.state.store, "RESYNC_BATCH", 7)
     nodes = nodes_named(*(f"n{i:03d}" for i in range(250)))
     vantages = ("v1", "v2")
     # All records differ, so one applied to another node, kind or vantage than its key's shows.
@@ -325,7 +325,7 @@ async def test_redirect_totals_are_read_in_batches(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway.store")
-    monkeypatch.setattr(gateway.store, "RESYNC_BATCH", 2)
+    monkeypatch.setattr(gateway.state.store, "RESYNC_BATCH", 2)
     nodes = nodes_named("a", "b", "c", "d", "e")
     clock = FakeClock(1000.5)  # window 1000 of STATE's 1 s windows
     store = await make_store(redis_url, nodes, clock=clock)

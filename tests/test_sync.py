@@ -21,10 +21,10 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.catalog import CatalogError, FileMeta, RepoRevision, is_commit_sha
 from gateway.config import Freshness, NodeConfig, SyncConfig
-from gateway.hfpath import RepoType, parse_resolve_path
-from gateway.sync import (
+from gateway.hf.catalog import CatalogError, FileMeta, RepoRevision, is_commit_sha
+from gateway.hf.paths import RepoType, parse_resolve_path
+from gateway.state.sync import (
     MANIFEST_NOT_READ,
     USER_AGENT,
     CommitHolding,

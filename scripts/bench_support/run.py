@@ -36,7 +36,7 @@ import yaml
 from bench_support import hub, load, procs, profiling, world
 from bench_support.procs import BenchError, Processes, Server
 from gateway.config import StateConfig
-from gateway.store import SETTLE_S as ESTIMATES_SETTLE_S
+from gateway.state.store import SETTLE_S as ESTIMATES_SETTLE_S
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"

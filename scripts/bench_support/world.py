@@ -30,9 +30,9 @@ from typing import Any
 
 from bench_support.procs import BenchError
 from gateway.config import GeoIPConfig, NodeConfig, RedisConfig, StateConfig, config_from_mapping
-from gateway.countries import country_table
-from gateway.geo import MaxMindLocator
-from gateway.state import (
+from gateway.geo.countries import country_table
+from gateway.geo.locator import MaxMindLocator
+from gateway.state.live import (
     AdminMode,
     AdminRecord,
     LiveState,
@@ -40,7 +40,7 @@ from gateway.state import (
     ProbeRecord,
     RedirectCounter,
 )
-from gateway.store import RedisStore
+from gateway.state.store import RedisStore
 
 REPO = Path(__file__).resolve().parents[2]
 VANTAGE = "default"

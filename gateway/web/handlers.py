@@ -16,20 +16,18 @@ from typing import Any, Literal
 from aiohttp import web
 from multidict import MultiMapping
 
-from gateway.answers import catalog_error, json_error, redirect_headers
-from gateway.catalog import CatalogError
-from gateway.clientip import ForwardingHeaders
 from gateway.config import ClientIPConfig, ServerConfig
-from gateway.geo import Location
-from gateway.hfpath import FileRef, PathError, parse_resolve_path_remembered, resolve_path_for
-from gateway.logs import log_access, request_id
-from gateway.metalink import link_header, metalink_response, metalink_target
-from gateway.metrics import Outcome, RouteLabel
-from gateway.planner import Plan, UpstreamOnly, plan_route
-from gateway.policy import Decision
-from gateway.router import PRIVATE_CACHE_CONTROL
+from gateway.geo.clientip import ForwardingHeaders
+from gateway.hf.catalog import CatalogError
+from gateway.hf.paths import FileRef, PathError, parse_resolve_path, resolve_path_for
+from gateway.hf.upstream import Rewrite, UpstreamError
+from gateway.logs import request_id
+from gateway.metrics import RouteLabel
 from gateway.runtime import RUNTIME, Runtime
-from gateway.upstream import Rewrite, UpstreamError
+from gateway.web.answers import catalog_error, json_error
+from gateway.web.metalink import metalink_response, metalink_target
+from gateway.web.plan import UpstreamOnly, plan_route
+from gateway.web.redirect import finish_request, record_outcome, record_redirect, redirect_headers
 
 ALLOWED_METHODS = "GET, HEAD"
 #: Request storage: the request id, and the routing fields for the access log.
@@ -41,7 +39,6 @@ API_PREFIX = "/api/"
 _NEEDS_TOKEN = frozenset({"RepoNotFound", "GatedRepo"})
 #: Upstream answers whose JSON entries may carry ``xetHash``.
 _ENTRIES_API = re.compile(r"^/api/(?:models|datasets|spaces|kernels)/.+/(?:tree|paths-info)/")
-UPSTREAM_NODE_NAME = "upstream"
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z])(?=[A-Z])")
 
 log = logging.getLogger("gateway.http")
@@ -143,36 +140,6 @@ def _error_reason(exc: CatalogError) -> str:
     return _CAMEL_BOUNDARY.sub("_", exc.error_code).lower()
 
 
-def record_outcome(
-    runtime: Runtime,
-    outcome: Outcome,
-    reason: str,
-    *,
-    node: str | None = None,
-    location: Location | None = None,
-    decision_seconds: float | None = None,
-) -> dict[str, Any] | None:
-    """Count one routing outcome; its fields for the access log line when that log is on."""
-    country = location.country if location else None
-    continent = location.continent if location else None
-    runtime.metrics.decision(
-        outcome,
-        reason,
-        node_id=node,
-        country=country,
-        continent=continent,
-        decision_seconds=decision_seconds,
-    )
-    if not runtime.router.config.logging.access:
-        return None
-    return {
-        "outcome": outcome,
-        "reason": reason,
-        "node": node or (UPSTREAM_NODE_NAME if outcome == "upstream" else None),
-        "country": country,
-    }
-
-
 def _remember(request: web.Request, routing: dict[str, Any] | None) -> None:
     """Keep a routing outcome's fields for the request's access log line (``observe``)."""
     if routing is not None:
@@ -185,7 +152,7 @@ def parsed_or_error(
     """The file a resolve path names, or the JSON error to answer instead (``not_found``
     words it, from the path, when the path is not a resolve path)."""
     try:
-        ref = parse_resolve_path_remembered(raw_path, max_bytes)
+        ref = parse_resolve_path(raw_path, max_bytes)
     except PathError as exc:
         return json_error(exc.status, exc.code, exc.message)
     if ref is None:
@@ -214,10 +181,10 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     placement = router.place(
         request.remote, forwarding_headers(request.headers, router.config.client_ip)
     )
-    client, location = placement.client, placement.location
+    location = placement.location
     try:
         target, as_metalink = await metalink_target(runtime, ref, request.headers.get("Accept"))
-        plan = await plan_route(runtime, target, client, full=as_metalink)
+        plan = await plan_route(runtime, target, placement, explain=as_metalink)
     except UpstreamOnly:
         # Private and gated files need the client's token: only upstream may see it.
         _remember(
@@ -246,50 +213,10 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         )
         _remember(request, routing)
         return metalink_response(runtime, plan)
-    headers = redirect_headers_for(runtime, plan)
     route = plan.route
     routing = record_redirect(runtime, route.decision, route.location, plan.decision_seconds)
     _remember(request, routing)
-    return web.Response(status=302, headers=headers)
-
-
-def redirect_headers_for(runtime: Runtime, plan: Plan) -> dict[str, str]:
-    """Every header of the redirect a plan makes, but the request id."""
-    router, route = runtime.router, plan.route
-    node = route.decision.node
-    headers = redirect_headers(
-        route.url,
-        route.revision,
-        plan.meta,
-        PRIVATE_CACHE_CONTROL,
-        node.id if node else UPSTREAM_NODE_NAME,
-    )
-    links = link_header(runtime, plan, router.config.responses.duplicate_links)
-    if links is not None:
-        headers["Link"] = links
-    if route.shared_cacheable:
-        headers["Cache-Control"] = router.shared_cache_control
-        # cdn-geo mode guarantees the header is configured (checked at config load).
-        headers["Vary"] = router.config.client_ip.cdn_country_header or ""
-    return headers
-
-
-def record_redirect(
-    runtime: Runtime, decision: Decision, location: Location, decision_seconds: float
-) -> dict[str, Any] | None:
-    """Count a redirect (metrics, the node's load estimate); the access log's fields for it
-    when that log is on."""
-    node = decision.node
-    if node is not None:
-        runtime.store.redirects.count(node.id)
-    return record_outcome(
-        runtime,
-        "node" if node else "upstream",
-        decision.reason,
-        node=node.id if node else None,
-        location=location,
-        decision_seconds=decision_seconds,
-    )
+    return web.Response(status=302, headers=redirect_headers(runtime, plan, request[REQUEST_ID]))
 
 
 async def api(request: web.Request) -> web.StreamResponse:
@@ -339,41 +266,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not response.prepared:
         # Streamed answers carry it already (``_to_upstream``): their headers are sent.
         response.headers["X-Request-ID"] = request[REQUEST_ID]
-    runtime = request.app[RUNTIME]
-    runtime.metrics.request_done(
-        route_label(request.path), request.method, response.status, seconds
+    finish_request(
+        request.app[RUNTIME],
+        route_label(request.path),
+        request.method,
+        request.rel_url.raw_path,
+        response.status,
+        seconds,
+        request[REQUEST_ID],
+        request.remote,
+        request.get(ACCESS_FIELDS),
     )
-    if runtime.router.config.logging.access:
-        log_request(
-            request[REQUEST_ID],
-            request.method,
-            request.rel_url.raw_path,
-            response.status,
-            seconds,
-            request.remote,
-            request.get(ACCESS_FIELDS),
-        )
     return response
-
-
-def log_request(
-    request_id: str,
-    method: str,
-    raw_path: str,
-    status: int,
-    seconds: float,
-    peer: str | None,
-    routing: dict[str, Any] | None,
-) -> None:
-    """The access log line of one answered request (``routing``: its outcome's fields)."""
-    fields: dict[str, Any] = {
-        "request_id": request_id,
-        "method": method,
-        "path": raw_path[:300],
-        "status": status,
-        "duration_ms": round(seconds * 1000, 3),
-        "peer": peer,
-    }
-    if routing:
-        fields.update(routing)
-    log_access(fields)

@@ -62,11 +62,11 @@ from typing import Protocol, get_args
 
 import aiohttp
 
-from gateway.catalog import CatalogError, RepoRevision, is_commit_sha
 from gateway.config import NodeConfig, SyncConfig
-from gateway.hfpath import FileRef, PathError, RepoType, parse_resolve_path, resolve_path_for
-from gateway.netio import bounded_chunks, describe_error
-from gateway.targets import node_url
+from gateway.hf.catalog import CatalogError, RepoRevision, is_commit_sha
+from gateway.hf.paths import FileRef, PathError, RepoType, parse_resolve_path, resolve_path_for
+from gateway.hf.targets import node_url
+from gateway.state.netio import bounded_chunks, describe_error
 
 USER_AGENT = "mirror-gateway-sync/0.1"
 

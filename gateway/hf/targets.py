@@ -8,19 +8,12 @@ can move a redirect off the configured node or upstream.
 from __future__ import annotations
 
 from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
-from gateway.hfpath import FileRef, resolve_path_for
-from gateway.memo import BoundedMemo
-
-#: Files whose encoded default-template path is remembered; the default template is what upstream
-#: and most nodes use, so one encoding serves every base URL.
-ENCODED_PATHS = 65_536
-_default_paths: BoundedMemo[FileRef, str] = BoundedMemo(ENCODED_PATHS)
+from gateway.hf.paths import FileRef, resolve_path_for
 
 
 def default_path(ref: FileRef) -> str:
     """What follows the base in the default template: the file's canonical resolve path."""
-    path = _default_paths.get(ref)
-    return _default_paths.put(ref, resolve_path_for(ref)) if path is None else path
+    return resolve_path_for(ref)
 
 
 def fill_template(template: str, base: str, ref: FileRef) -> str:

@@ -13,10 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.answers import json_error
 from gateway.runtime import RUNTIME, Runtime
-from gateway.state import AdminMode, AdminRecord
-from gateway.store import StoreUnavailable
+from gateway.state.live import AdminMode, AdminRecord
+from gateway.state.store import StoreUnavailable
+from gateway.web.answers import json_error
 
 #: URL verb -> the admin mode it sets.
 ACTIONS: dict[str, AdminMode] = {"drain": "draining", "disable": "disabled", "enable": "active"}

@@ -23,8 +23,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import NodeConfig, ProbeSpec, ProbingConfig
-from gateway.netio import bounded_chunks, describe_error, stop_if_cancelled
-from gateway.state import NOT_YET_PROBED, LoadRecord, LoadSource, ProbeRecord
+from gateway.state.live import NOT_YET_PROBED, LoadRecord, LoadSource, ProbeRecord
+from gateway.state.netio import bounded_chunks, describe_error, stop_if_cancelled
 
 USER_AGENT = "mirror-gateway-prober/0.1 (+https://github.com/mirror-gateway)"
 

@@ -20,7 +20,7 @@ import geoip2.models
 import maxminddb
 
 from gateway.config import GeoIPConfig
-from gateway.countries import lookup_country
+from gateway.geo.countries import lookup_country
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway.admin import add_admin_routes
-from gateway.http import (
+from gateway.runtime import RUNTIME, Runtime
+from gateway.web.admin import add_admin_routes
+from gateway.web.handlers import (
     healthz,
     metrics_endpoint,
     observe,
@@ -17,8 +18,7 @@ from gateway.http import (
     readyz,
     resolve,
 )
-from gateway.runtime import RUNTIME, Runtime
-from gateway.views import add_view_routes
+from gateway.web.views import add_view_routes
 
 
 async def _run_background(app: web.Application) -> AsyncIterator[None]:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin import authorized
-from gateway.answers import catalog_error, json_error
-from gateway.catalog import CatalogError
-from gateway.clientip import ClientAddress, parse_ip
 from gateway.explain import explain_request, render_html
-from gateway.http import forwarding_headers, parsed_or_error, read_only
-from gateway.metalink import preferred_type
-from gateway.router import PRIVATE_CACHE_CONTROL, Router
+from gateway.geo.clientip import ClientAddress, parse_ip
+from gateway.hf.catalog import CatalogError
+from gateway.routing.router import PRIVATE_CACHE_CONTROL, Router
 from gateway.runtime import RUNTIME
+from gateway.web.admin import authorized
+from gateway.web.answers import catalog_error, json_error
+from gateway.web.handlers import forwarding_headers, parsed_or_error, read_only
+from gateway.web.metalink import preferred_type
 
 EXPLAIN_PREFIX = "/explain"
 #: JSON wins a tie: ``*/*`` (curl, scripts) gets data, a browser gets the page.

@@ -10,8 +10,6 @@ import re
 from typing import Literal, NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
-from gateway.memo import BoundedMemo
-
 RepoType = Literal["model", "dataset", "space"]
 PathErrorCode = Literal[
     "path_too_long",
@@ -31,8 +29,6 @@ PathErrorCode = Literal[
 _PREFIX_TYPES: dict[str, RepoType] = {"datasets": "dataset", "spaces": "space"}
 _TYPE_PREFIXES: dict[RepoType, str] = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
-#: Distinct resolve paths whose parse is remembered (popular files are asked for over and over).
-PARSED_PATHS = 65_536
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _ECHO_LIMIT = 100
 _MAX_REPO_SEGMENT = 96
@@ -97,23 +93,6 @@ class FileRef(NamedTuple):
         _check_text(revision, f"revision {_echo(revision)}")
         _check_revision(revision)
         return FileRef(self.repo_type, self.repo_id, revision, self.filename)
-
-
-_parsed: BoundedMemo[tuple[str, int], FileRef] = BoundedMemo(PARSED_PATHS)
-
-
-def parse_resolve_path_remembered(raw_path: str, max_bytes: int) -> FileRef | None:
-    """``parse_resolve_path``, answered from memory for a path parsed before.
-
-    Only good parses are remembered: a malformed path costs its sender the full parse each time.
-    """
-    key = (raw_path, max_bytes)
-    ref = _parsed.get(key)
-    if ref is None:
-        ref = parse_resolve_path(raw_path, max_bytes)
-        if ref is not None:
-            _parsed.put(key, ref)
-    return ref
 
 
 def parse_resolve_path(raw_path: str, max_bytes: int = 4096) -> FileRef | None:

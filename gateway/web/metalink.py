@@ -22,16 +22,14 @@ from typing import NamedTuple
 
 from aiohttp import web
 
-from gateway.catalog import FileMeta
-from gateway.config import DEFAULT_URL_TEMPLATE, NodeConfig
-from gateway.hfpath import FileRef, resolve_path_for
-from gateway.memo import BoundedMemo
-from gateway.planner import Plan, revision_of
-from gateway.policy import Candidate, Decision
-from gateway.router import PRIVATE_CACHE_CONTROL
+from gateway.config import NodeConfig
+from gateway.hf.catalog import FileMeta
+from gateway.hf.paths import FileRef, resolve_path_for
+from gateway.hf.targets import node_url, upstream_url
+from gateway.routing.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import Runtime
-from gateway.sync import Pieces
-from gateway.targets import default_path, node_url, upstream_url
+from gateway.state.sync import Pieces
+from gateway.web.plan import Plan, revision_of
 
 METALINK_TYPE = "application/metalink4+xml"
 METALINK_SUFFIX = ".meta4"
@@ -271,30 +269,9 @@ def metalink_response(runtime: Runtime, plan: Plan) -> web.Response:
     )
 
 
-#: Pinned files whose ``rel=describedby`` link is remembered (it is the same for every client).
-DESCRIBED_LINKS = 65_536
-_described_links: BoundedMemo[FileRef, str] = BoundedMemo(DESCRIBED_LINKS)
-
-
-def _described_by(pinned: FileRef) -> str:
-    return _described_links.get_or_make(pinned, lambda: _describedby_link(resolve_path_for(pinned)))
-
-
-def _describedby_link(resolve_path: str) -> str:
+def _describedby_link(pinned: FileRef) -> str:
     # A path-absolute reference: the gateway's own origin, whatever name the client used.
-    return f'<{resolve_path}{METALINK_SUFFIX}>; rel=describedby; type="{METALINK_TYPE}"'
-
-
-def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
-    """RFC 6249 links for a redirect: up to ``limit`` other sources (the last one upstream, the
-    source every client can fall back on) and the Metalink, or None when there is nothing."""
-    route, ref = plan.route, plan.ref
-    described = links_metalink(_listing(runtime, plan, route.revision), ref.filename)
-    if not plan.node_revisions:
-        layout = link_layout(runtime, route.decision, limit, described)
-        if layout:
-            return default_path(ref.with_revision(route.revision)).join(layout) or None
-    return _links(runtime, plan, limit, described)
+    return f'<{resolve_path_for(pinned)}{METALINK_SUFFIX}>; rel=describedby; type="{METALINK_TYPE}"'
 
 
 def links_metalink(listing: Mapping[str, FileMeta] | None, filename: str) -> bool:
@@ -303,28 +280,9 @@ def links_metalink(listing: Mapping[str, FileMeta] | None, filename: str) -> boo
     return listing is not None and filename + METALINK_SUFFIX not in listing
 
 
-def link_layout(
-    runtime: Runtime, decision: Decision, limit: int, described: bool
-) -> tuple[str, ...]:
-    """``link_header``'s text around the file's path, when every source has the routed commit
-    (it is then fixed for the nodes the decision names); empty when a named node's URL template
-    puts something else there. ``described``: whether the Metalink link goes in."""
-    # Only the first ``limit`` candidates can be named (the chosen node may be one of them).
-    named = decision.candidates[:limit]
-    key = (
-        tuple([c.node.id for c in named]),
-        decision.node.id if decision.node else None,
-        limit,
-        described,
-    )
-    layouts = runtime.link_layouts
-    layout = layouts.get(key)
-    if layout is None:
-        layout = layouts.put(key, _layout(runtime, decision.node, named, limit, described))
-    return layout
-
-
-def _links(runtime: Runtime, plan: Plan, limit: int, described: bool) -> str | None:
+def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
+    """RFC 6249 links for a redirect: up to ``limit`` other sources (the last one upstream, the
+    source every client can fall back on) and the Metalink, or None when there is nothing."""
     route, ref = plan.route, plan.ref
     links = []
     chosen = route.decision.node
@@ -332,42 +290,11 @@ def _links(runtime: Runtime, plan: Plan, limit: int, described: bool) -> str | N
         others = (s for s in _node_sources(runtime, plan) if s.node_id != chosen.id)
         for source in [*islice(others, limit - 1), _upstream_source(runtime, plan)]:
             links.append(_duplicate(source.url, source.priority, source.location))
-    if described:
-        links.append(_described_by(ref.with_revision(route.revision)))
+    if links_metalink(_listing(runtime, plan, route.revision), ref.filename):
+        links.append(_describedby_link(ref.with_revision(route.revision)))
     return ", ".join(links) or None
 
 
 def _duplicate(url: str, priority: int, location: str | None) -> str:
     geo = f"; geo={location}" if location else ""
     return f"<{url}>; rel=duplicate; pri={priority}{geo}"
-
-
-#: Stands for the file's path while a layout is built: no configured base URL holds it.
-_PATH_MARK = "\x00"
-
-
-def _layout(
-    runtime: Runtime,
-    chosen: NodeConfig | None,
-    candidates: Sequence[Candidate],
-    limit: int,
-    described: bool,
-) -> tuple[str, ...]:
-    """``_links`` as the text around each place the file's path goes, when every named node
-    has the routed commit; empty when a node's URL template puts something else there.
-    ``candidates``: the decision's first ``limit``, the only ones a redirect may name."""
-    if any(c.node.url_template != DEFAULT_URL_TEMPLATE for c in candidates):
-        return ()
-    links = []
-    if chosen is not None and limit > 0:
-        # Priorities as ``_node_sources`` numbers them: every candidate has the file.
-        others = [
-            (priority, c.node) for priority, c in enumerate(candidates, 1) if c.node.id != chosen.id
-        ]
-        for priority, node in others[: limit - 1]:
-            links.append(_duplicate(node.base_url + _PATH_MARK, priority, _location(node)))
-        upstream = runtime.router.config.upstream.url
-        links.append(_duplicate(upstream + _PATH_MARK, UPSTREAM_PRIORITY, None))
-    if described:
-        links.append(_describedby_link(_PATH_MARK))
-    return tuple(", ".join(links).split(_PATH_MARK))

@@ -51,7 +51,7 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from gateway.config import CatalogConfig, RedisConfig, UpstreamConfig
-from gateway.hfpath import RepoType
+from gateway.hf.paths import RepoType
 
 
 @dataclass(frozen=True, slots=True)

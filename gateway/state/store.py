@@ -61,8 +61,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import NodeConfig, RedisConfig, StateConfig
-from gateway.netio import stop_if_cancelled
-from gateway.state import (
+from gateway.state.live import (
     AdminMode,
     AdminRecord,
     LiveState,
@@ -73,6 +72,7 @@ from gateway.state import (
     SmoothedRedirects,
     estimated_connections,
 )
+from gateway.state.netio import stop_if_cancelled
 
 logger = logging.getLogger("gateway.store")
 

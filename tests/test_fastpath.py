@@ -21,14 +21,16 @@ from aiohttp.test_utils import TestServer
 from fake_hub import FakeHub
 from test_http import BEIJING_IP, CONFIG_JSON, TOKYO_IP, US_IP, gateway_config
 
-from gateway.app import create_app
 from gateway.config import GeoIPConfig
-from gateway.fastlane import serialized_redirect
-from gateway.geo import MaxMindLocator
-from gateway.router import Router
+from gateway.geo.locator import MaxMindLocator
+from gateway.routing.router import Router
 from gateway.runtime import RUNTIME
-from gateway.server import FastAnswer, GatewayRunner, build_runtime, fast_answer_for
-from gateway.sync import CommitHolding, NodeHoldings
+from gateway.state.sync import CommitHolding, NodeHoldings
+from gateway.web import connection
+from gateway.web.app import create_app
+from gateway.web.connection import FastAnswer
+from gateway.web.fastpath import fast_answer_for, serialize_redirect
+from gateway.web.server import build_runtime
 
 DATASET_FILE = "/datasets/acme/data/resolve/main/data/train-00000.parquet"
 
@@ -76,7 +78,7 @@ class _Server(TestServer):
         self.counted = Counted(fast, fail) if fast is not None else None
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return GatewayRunner(self.app, fast_answer=self.counted, **kwargs)
+        return connection.make_runner(self.app, self.counted, **kwargs)
 
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
@@ -441,13 +443,33 @@ VALUES = [
 
 
 @pytest.mark.parametrize(("value", "written"), [c[1:] for c in VALUES], ids=[c[0] for c in VALUES])
-@pytest.mark.parametrize("body", ["Content-Length: 0\r\n", ""], ids=["get", "head"])
+@pytest.mark.parametrize(
+    ("method", "body"), [("GET", "Content-Length: 0\r\n"), ("HEAD", "")], ids=["get", "head"]
+)
 def test_a_value_aiohttp_would_refuse_is_never_written(
-    value: str, written: bool, body: str
+    value: str, written: bool, method: str, body: str
 ) -> None:
-    encoded = serialized_redirect({"Location": "https://x.test/f", "ETag": value}, body)
+    encoded = serialize_redirect({"Location": "https://x.test/f", "ETag": value}, method)
     assert (encoded is not None) == written
     if encoded is not None:
         head = encoded.decode()
         assert head.startswith("HTTP/1.1 302 Found\r\nLocation: https://x.test/f\r\n")
         assert f"\r\nETag: {value}\r\n{body}Date: " in head and head.endswith("\r\n\r\n")
+
+
+def test_the_installed_aiohttp_has_every_internal_the_fast_path_reads() -> None:
+    assert connection.internals_mismatch() is None
+
+
+async def test_a_mismatched_aiohttp_serves_through_the_plain_path(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(connection, "AIOHTTP_MINOR", "3.0")
+    with caplog.at_level(logging.WARNING, "gateway.server"):
+        gateway = await make_gateway()
+    assert "fast path and JSON parser errors off: aiohttp" in caplog.text
+    assert "the fast path is for 3.0" in caplog.text
+    await warm(gateway)
+    (answer,) = await exchange(gateway, request(CONFIG_JSON, X_Forwarded_For=BEIJING_IP), 1)
+    assert answer.status == 302 and answer.headers["X-Mirror-Node"] == "bj"
+    assert gateway.answered_fast == 0

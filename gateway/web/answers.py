@@ -1,8 +1,6 @@
-"""Hugging Face-shaped answers: the redirect headers clients require, and errors they understand.
+"""JSON error answers, shaped as Hugging Face clients understand them.
 
-A redirect to a mirror host is not followed by the clients' metadata request, so it must itself
-carry the commit, the etag (which names the blob in the client's cache) and the size. Errors are
-told apart by ``X-Error-Code``, not by status alone.
+Clients tell errors apart by ``X-Error-Code``, not by status alone.
 """
 
 from __future__ import annotations
@@ -11,24 +9,9 @@ import json
 
 from aiohttp import web
 
-from gateway.catalog import CatalogError, FileMeta
+from gateway.hf.catalog import CatalogError
 
 JSON_CONTENT_TYPE = "application/json"
-
-
-def redirect_headers(
-    location: str, commit: str, meta: FileMeta, cache_control: str, node_name: str
-) -> dict[str, str]:
-    etag = f'"{meta.etag}"'
-    return {
-        "Location": location,
-        "X-Repo-Commit": commit,
-        "ETag": etag,
-        "X-Linked-Etag": etag,
-        "X-Linked-Size": str(meta.size),
-        "Cache-Control": cache_control,
-        "X-Mirror-Node": node_name,
-    }
 
 
 def _header_safe(text: str) -> str:

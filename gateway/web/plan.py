@@ -1,7 +1,8 @@
 """One request's plan: catalog lookup, which nodes hold the revision, the route, the file.
 
-Shared by the redirect handler, explain and Metalink, so all three always agree. Reads only
-memory on the common path; awaits the catalog only for a revision not cached yet.
+Shared by the redirect handler, the fast path, explain and Metalink, so all of them always
+agree. Reads only memory on the common path; awaits the catalog only for a revision it does not
+hold yet.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ import time
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from gateway.catalog import FileMeta, RepoRevision, entry_for
-from gateway.clientip import ClientAddress
-from gateway.hfpath import FileRef
-from gateway.router import Route
+from gateway.hf.catalog import FileMeta, RepoRevision, entry_for
+from gateway.hf.paths import FileRef
+from gateway.routing.router import Placement, Route
 from gateway.runtime import Runtime
 
 
@@ -48,9 +48,9 @@ def _routed(
     runtime: Runtime,
     ref: FileRef,
     revision: RepoRevision,
-    client: ClientAddress,
+    placement: Placement,
     now: float | None,
-    full: bool,
+    explain: bool,
 ) -> tuple[Route, FileMeta, Mapping[str, str], float]:
     """The route for a revision in hand, the file's entry at the upstream commit, the nodes'
     other commits and the decision time. Raises ``UpstreamOnly`` and ``CatalogError``."""
@@ -64,44 +64,39 @@ def _routed(
     store = runtime.store
     started = time.perf_counter()
     route = runtime.router.route(
-        pinned,
-        client,
-        store.live.statuses,
-        store.redirects.current,
-        revisions,
-        changes=store.live,
-        full=full,
-    )
+        pinned, placement, store.live.statuses, store.redirects.current, revisions,
+        explain=explain,
+    )  # fmt: skip
     return route, meta, revisions.other_commits, time.perf_counter() - started
 
 
 async def plan_route(
     runtime: Runtime,
     ref: FileRef,
-    client: ClientAddress,
+    placement: Placement,
     *,
     now: float | None = None,
-    full: bool = False,
+    explain: bool = False,
 ) -> Plan:
     """Raises ``CatalogError`` (unknown repo, revision or file; upstream unavailable) and
-    ``UpstreamOnly``. ``full``: weigh every node (explain, Metalink), not just the front of
-    the ranking that a redirect needs."""
+    ``UpstreamOnly``. ``explain``: weigh every node and keep every exclusion (explain,
+    Metalink), not just the nodes a redirect needs."""
     revision = await revision_of(runtime, ref)
-    route, meta, others, seconds = _routed(runtime, ref, revision, client, now, full)
+    route, meta, others, seconds = _routed(runtime, ref, revision, placement, now, explain)
     if route.revision != revision.commit:
         older = await revision_of(runtime, ref.with_revision(route.revision))
         meta = entry_for(older, ref.filename)
     return Plan(ref, revision, route, meta, others, seconds)
 
 
-def plan_from_memory(runtime: Runtime, ref: FileRef, client: ClientAddress) -> Plan | None:
+def plan_from_memory(runtime: Runtime, ref: FileRef, placement: Placement) -> Plan | None:
     """``plan_route`` for a redirect, when every revision it reads is in the catalog's memory;
     None when one is not (``plan_route`` then fetches it). Raises as ``plan_route`` does."""
     catalog = runtime.catalog
     revision = catalog.peek(ref.repo_type, ref.repo_id, ref.revision)
     if revision is None:
         return None
-    route, meta, others, seconds = _routed(runtime, ref, revision, client, None, False)
+    route, meta, others, seconds = _routed(runtime, ref, revision, placement, None, False)
     if route.revision != revision.commit:
         older = catalog.peek(ref.repo_type, ref.repo_id, route.revision)
         if older is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import replace
 
 import pytest
@@ -11,24 +11,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import NodeConfig, RoutingConfig, ServiceArea
-from gateway.geo import UNKNOWN_LOCATION, Location
-from gateway.policy import (
-    Cell,
-    Deeper,
-    NodeIndex,
-    Ranked,
+from gateway.geo.locator import UNKNOWN_LOCATION, Location
+from gateway.routing import ranking
+from gateway.routing.ranking import NodeIndex
+from gateway.routing.rule import (
+    Candidate,
+    Decision,
+    Exclusion,
     Tier,
+    at_capacity,
     bounded_rendezvous,
     choose,
+    configured_exclusion,
     decide,
-    decide_ranked,
     distance_km,
-    filter_nodes,
-    rank_nodes,
-    rank_rest,
+    near_equal_bound,
     rendezvous_order,
+    score,
+    takes_clients,
 )
-from gateway.state import NO_LIVE_STATE, NodeStatus
+from gateway.state.live import NO_LIVE_STATE, NodeStatus
 
 CN_ONLY = ServiceArea(countries=frozenset({"CN"}))
 
@@ -61,6 +63,59 @@ TOKYO_CLIENT = Location("JP", "AS", 35.7, 139.7, 2516)
 HONG_KONG_CLIENT = Location("HK", "AS", 22.3, 114.2, 4760)
 US_CLIENT = Location("US", "NA", 39.0, -77.5, 14618)
 ANY = RoutingConfig()
+
+
+def evaluate(
+    nodes: Sequence[NodeConfig],
+    client: Location,
+    statuses: Mapping[str, NodeStatus],
+    policy: RoutingConfig,
+    rng: random.Random,
+    *,
+    key: str = "",
+    recent: Mapping[str, int] | None = None,
+    unavailable: Mapping[str, str] | None = None,
+    warm_caches: Container[str] = frozenset(),
+) -> Decision:
+    """The explain decision over every node: every candidate and every exclusion."""
+    tiers, configured = NodeIndex(nodes).explained(client, policy)
+    missing = unavailable or {}
+    return decide(
+        tiers, statuses, policy, rng, unavailable=lambda node: missing.get(node.id), key=key,
+        recent=recent, warm_caches=warm_caches, explain=True, configured=configured,
+    )  # fmt: skip
+
+
+def brute_force(
+    nodes: Sequence[NodeConfig],
+    client: Location,
+    statuses: Mapping[str, NodeStatus],
+    policy: RoutingConfig,
+    unavailable: Mapping[str, str],
+) -> tuple[list[Candidate], list[Candidate]]:
+    """The rule's candidates and reserve, best first, by scoring every node: a reference for
+    the rule's early-stopping read of the ranking."""
+    accepted: list[Candidate] = []
+    reserve: list[Candidate] = []
+    for node in nodes:
+        tier = configured_exclusion(node, client, policy)
+        if isinstance(tier, Exclusion):
+            continue
+        status = statuses.get(node.id, NodeStatus())
+        if not takes_clients(status, policy) or node.id in unavailable:
+            continue
+        distance = ranking_distance(node, client)
+        candidate = Candidate(node, tier, distance, score(distance, status, policy))
+        (reserve if at_capacity(status) else accepted).append(candidate)
+    order = lambda c: (c.tier, c.score, -c.node.weight, c.node.id)  # noqa: E731
+    return sorted(accepted, key=order), sorted(reserve, key=order)
+
+
+def ranking_distance(node: NodeConfig, client: Location) -> float | None:
+    if None in (client.latitude, client.longitude, node.latitude, node.longitude):
+        return None
+    return distance_km(client.latitude, client.longitude, node.latitude, node.longitude)  # type: ignore[arg-type]
+
 
 CASES = [
     # (id, client, statuses, policy, expected node, expected reason)
@@ -142,7 +197,7 @@ def test_decision_table(
     node_id: str | None,
     reason: str,
 ) -> None:
-    decision = decide(NODES, client, statuses, policy, random.Random(7))
+    decision = evaluate(NODES, client, statuses, policy, random.Random(7))
     assert (decision.node.id if decision.node else None) == node_id
     assert decision.reason == reason
 
@@ -212,13 +267,15 @@ def test_every_exclusion_carries_a_reason(
     reason: str,
     detail: str,
 ) -> None:
-    by_node = {e.node.id: e for e in filter_nodes(NODES, client, statuses, policy).excluded}
+    by_node = {
+        e.node.id: e for e in evaluate(NODES, client, statuses, policy, random.Random(1)).excluded
+    }
     assert by_node[node_id].reason == reason
     assert detail in by_node[node_id].detail
 
 
 def test_candidates_sorted_by_tier_then_distance() -> None:
-    accepted = filter_nodes(NODES, GUANGZHOU_CLIENT, NO_LIVE_STATE, ANY).accepted
+    accepted = evaluate(NODES, GUANGZHOU_CLIENT, NO_LIVE_STATE, ANY, random.Random(1)).candidates
     assert [(c.node.id, c.tier) for c in accepted] == [
         ("gz", Tier.COUNTRY),
         ("sh", Tier.COUNTRY),
@@ -233,7 +290,9 @@ def test_weights_share_traffic_among_near_equals() -> None:
     heavy = replace(BEIJING, id="heavy", weight=3.0, asns=frozenset())
     light = replace(BEIJING, id="light", weight=1.0, asns=frozenset(), latitude=39.95)
     far = replace(SHANGHAI, id="far", asns=frozenset())
-    accepted = filter_nodes((heavy, light, far), BEIJING_CLIENT, NO_LIVE_STATE, ANY).accepted
+    accepted = evaluate(
+        (heavy, light, far), BEIJING_CLIENT, NO_LIVE_STATE, ANY, random.Random(1)
+    ).candidates
     rng = random.Random(42)
     picks: Counter[str] = Counter()
     for _ in range(4000):
@@ -246,7 +305,7 @@ def test_weights_share_traffic_among_near_equals() -> None:
 
 def test_same_seed_same_choice() -> None:
     twins = [replace(FRANKFURT, id=f"fra{i}") for i in range(5)]
-    first = [decide(twins, US_CLIENT, {}, ANY, random.Random(3)).node for _ in range(3)]
+    first = [evaluate(twins, US_CLIENT, {}, ANY, random.Random(3)).node for _ in range(3)]
     assert len({n.id for n in first if n}) == 1
 
 
@@ -281,7 +340,7 @@ def test_decision_properties(
     client: Location, live: dict[str, NodeStatus], max_tier: str, seed: int
 ) -> None:
     policy = RoutingConfig(max_tier=max_tier)  # type: ignore[arg-type]
-    decision = decide(NODES, client, live, policy, random.Random(seed))
+    decision = evaluate(NODES, client, live, policy, random.Random(seed))
     accounted = [c.node.id for c in decision.candidates] + [e.node.id for e in decision.excluded]
     assert sorted(accounted) == sorted(n.id for n in NODES)
     if decision.node is None:
@@ -307,8 +366,8 @@ def test_latency_and_load_enter_the_score() -> None:
         "sh": NodeStatus(latency_ms=5, load=0.1),
     }
     client = BEIJING_CLIENT
-    assert decide((bj, SHANGHAI), client, fast, ANY, random.Random(1)).node == bj
-    decision = decide((bj, SHANGHAI), client, slow_busy, ANY, random.Random(1))
+    assert evaluate((bj, SHANGHAI), client, fast, ANY, random.Random(1)).node == bj
+    decision = evaluate((bj, SHANGHAI), client, slow_busy, ANY, random.Random(1))
     assert decision.node == SHANGHAI
     scores = {c.node.id: c.score for c in decision.candidates}
     assert scores["bj"] == pytest.approx(distance_km(39.9, 116.4, 39.9042, 116.4074) + 800 + 1800)
@@ -316,12 +375,12 @@ def test_latency_and_load_enter_the_score() -> None:
 
 def test_node_at_capacity_only_as_last_resort() -> None:
     full = {"bj": NodeStatus(load=1.0)}
-    decision = decide(NODES, BEIJING_CLIENT, full, ANY, random.Random(1))
+    decision = evaluate(NODES, BEIJING_CLIENT, full, ANY, random.Random(1))
     assert decision.node == SHANGHAI
     assert {e.node.id: e.reason for e in decision.excluded}["bj"] == "at_capacity"
 
     everything_full = {n.id: NodeStatus(load=1.5) for n in NODES}
-    decision = decide(NODES, BEIJING_CLIENT, everything_full, ANY, random.Random(1))
+    decision = evaluate(NODES, BEIJING_CLIENT, everything_full, ANY, random.Random(1))
     assert decision.node == BEIJING
     assert decision.reason == "at_capacity_last_resort"
 
@@ -338,7 +397,8 @@ def test_rendezvous_keeps_a_file_on_one_cache_while_loads_allow() -> None:
     for n in range(50):
         key = f"org/model/resolve/main/shard-{n}.safetensors"
         chosen = {
-            decide(CACHES, client, {}, ANY, random.Random(seed), key=key).node for seed in range(10)
+            evaluate(CACHES, client, {}, ANY, random.Random(seed), key=key).node
+            for seed in range(10)
         }
         assert len(chosen) == 1, key
     # Removing one cache only moves the files it held.
@@ -358,7 +418,7 @@ def test_rendezvous_bound_holds_under_a_skewed_mix() -> None:
     bound = ANY.cache_load_bound
     for _ in range(2000):
         key = rng.choices(files, weights=weights)[0]
-        node = decide(CACHES, SHANGHAI_CLIENT, {}, ANY, rng, key=key, recent=recent).node
+        node = evaluate(CACHES, SHANGHAI_CLIENT, {}, ANY, rng, key=key, recent=recent).node
         assert node is not None
         recent[node.id] += 1
         total = sum(recent.values())
@@ -383,11 +443,11 @@ def test_a_cache_holding_the_file_wins_over_cold_caches() -> None:
     for n, key in enumerate(keys):
         for chosen, seen in (
             (
-                decide(CACHES, SHANGHAI_CLIENT, {}, ANY, random.Random(n), key=key).node,
+                evaluate(CACHES, SHANGHAI_CLIENT, {}, ANY, random.Random(n), key=key).node,
                 cold_choices,
             ),
             (
-                decide(
+                evaluate(
                     CACHES, SHANGHAI_CLIENT, {}, ANY, random.Random(n), key=key, warm_caches=warm
                 ).node,
                 warm_choices,
@@ -427,24 +487,6 @@ live_states = st.builds(
 )
 
 
-def past_front(
-    index: NodeIndex, cell: Cell, policy: RoutingConfig, ranked: Ranked, filtered: bool
-) -> Deeper:
-    """Walks past ``ranked``'s front go on in the complete ranking, or, ``filtered``, among
-    the admissible nodes of the rest of the tier."""
-
-    def deeper(
-        tier: Tier, seen: int, admissible: Callable[[NodeConfig], bool]
-    ) -> Iterable[tuple[NodeConfig, float | None]]:
-        assert seen == len(ranked.nodes[tier])
-        if filtered:
-            return rank_rest(index, cell, policy, tier, ranked.nodes[tier], admissible)
-        complete = rank_nodes(index, cell, policy, [None] * len(Tier))
-        return zip(complete.nodes[tier][seen:], complete.distances[tier][seen:], strict=True)
-
-    return deeper
-
-
 @settings(max_examples=400)
 @given(
     nodes=many_nodes,
@@ -454,10 +496,9 @@ def past_front(
     near_km=st.sampled_from([0.0, 100.0, 2000.0]),
     max_tier=st.sampled_from(["asn", "country", "continent", "any"]),
     front=st.sampled_from([1, 2, 3, 32]),
-    filtered=st.booleans(),
     seed=st.integers(0, 2**32),
 )
-def test_ranked_walk_chooses_as_the_full_evaluation(
+def test_a_request_decides_as_scoring_every_node_would(
     nodes: list[NodeConfig],
     client: Location,
     states: list[NodeStatus],
@@ -465,24 +506,33 @@ def test_ranked_walk_chooses_as_the_full_evaluation(
     near_km: float,
     max_tier: str,
     front: int,
-    filtered: bool,
     seed: int,
 ) -> None:
+    """A request reads a ranking's front and stops early; the decision is the one scoring every
+    node gives: the same pool (so the same draw), and the best candidates in the same order."""
     policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
     statuses = {node.id: states[i] for i, node in enumerate(nodes)}
     unavailable = {node.id: "not synced" for i, node in enumerate(nodes) if i in missing}
-    full = decide(nodes, client, statuses, policy, random.Random(seed), key="k",
-                  unavailable=unavailable)  # fmt: skip
+    accepted, reserve = brute_force(nodes, client, statuses, policy, unavailable)
     index = NodeIndex(nodes)
-    cell = index.cell(client)
-    ranked = rank_nodes(index, cell, policy, [front] * len(Tier))
-    fast = decide_ranked(
-        ranked, statuses, policy, random.Random(seed),
-        unavailable=lambda node: unavailable.get(node.id),
-        deeper=past_front(index, cell, policy, ranked, filtered), key="k", keep=3,
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ranking, "FRONT", front)
+        kept = index.ranking(index.cell(client), policy)
+    decision = decide(
+        kept.tiers(), statuses, policy, random.Random(seed),
+        unavailable=lambda node: unavailable.get(node.id), key="k", keep=3,
     )  # fmt: skip
-    assert (fast.node, fast.reason) == (full.node, full.reason)
-    # The fast walk's candidates (the pool and the next best, for duplicate links) are exactly
-    # the front of the full ranking.
-    assert fast.candidates == full.candidates[: len(fast.candidates)]
-    assert len(fast.candidates) >= min(3, len(full.candidates))
+    expected = choose(accepted or reserve, policy, random.Random(seed), key="k")
+    assert decision.node == (expected.node if expected else None)
+    assert decision.candidates == tuple(accepted[: len(decision.candidates)])
+    assert len(decision.candidates) >= min(3, len(accepted))
+    explained = evaluate(
+        nodes, client, statuses, policy, random.Random(seed), key="k", unavailable=unavailable
+    )
+    assert explained.node == decision.node and explained.reason == decision.reason
+    assert list(explained.candidates) == (accepted if explained.candidates else [])
+
+
+def test_the_near_equal_bound_is_the_wider_of_km_and_ratio() -> None:
+    assert near_equal_bound(100.0, ANY) == 200.0
+    assert near_equal_bound(1000.0, ANY) == 1250.0

@@ -1,0 +1,176 @@
+"""Serving: one worker's listener, its runtime, config reloads and the graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway.config import ConfigError, GatewayConfig
+from gateway.geo.locator import GeoDataError, MaxMindLocator
+from gateway.hf.catalog import Catalog
+from gateway.hf.upstream import UpstreamProxy
+from gateway.routing.router import Router
+from gateway.runtime import RUNTIME, Runtime
+from gateway.state.live import LiveState, RedirectCounter
+from gateway.state.probe import Prober
+from gateway.state.store import InProcessStore, RedisStore, StateStore
+from gateway.state.sync import SyncTracker
+from gateway.web.app import create_app
+from gateway.web.connection import make_runner
+from gateway.web.fastpath import fast_answer_for
+from gateway.web.handlers import metrics_endpoint
+from gateway.workers import MULTIPROC_ENV_VAR
+
+log = logging.getLogger("gateway.server")
+
+#: How long requests in flight may take to finish after SIGTERM.
+SHUTDOWN_GRACE_S = 20.0
+
+
+def handler_limits(config: GatewayConfig) -> dict[str, int]:
+    """Parser limits: generous enough that our own JSON 414 for long paths is reachable."""
+    server = config.server
+    return {
+        "max_field_size": server.max_header_bytes,
+        "max_line_size": max(server.max_header_bytes, 2 * server.max_path_bytes),
+    }
+
+
+def build_router(config: GatewayConfig) -> tuple[Router, tuple[str, ...]]:
+    """A router for ``config`` and the warnings to log (GeoIP staleness, missing ASN data)."""
+    locator = MaxMindLocator(config.geoip)
+    return Router(config, locator), locator.warnings
+
+
+def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
+    """Live state in Redis when ``redis.url`` is set, else in this process; a prober if on.
+
+    ``metrics_dir``: the shared metrics directory of a multi-worker server.
+    """
+    config = router.config
+    live = LiveState(
+        config.nodes,
+        vantage=config.probing.vantage,
+        probing=config.probing.enabled,
+        load_deadband=config.state.load_deadband,
+    )
+    redirects = RedirectCounter()
+    store: StateStore
+    if config.redis.url:
+        store = RedisStore(
+            live,
+            redirects,
+            config.redis,
+            config.state,
+            config.nodes,
+            # Shared verdicts outlive a few missed rounds, so a prober handover stays seamless.
+            record_ttl_s=max(300.0, 10 * config.probing.interval_s),
+        )
+    else:
+        store = InProcessStore(live, redirects, config.state, config.nodes)
+    prober = (
+        Prober(config.nodes, config.probing, store, shared_verdict=live.probe_record)
+        if config.probing.enabled
+        else None
+    )
+    catalog = Catalog(
+        config.upstream, config.catalog, redis_url=config.redis.url, redis_config=config.redis
+    )
+    sync = SyncTracker(config.nodes, config.sync, catalog, timeout_s=config.probing.timeout_s)
+    return Runtime(
+        router, store, prober, catalog, sync, UpstreamProxy(config.upstream), metrics_dir
+    )
+
+
+#: Settings read once at start; a reload that changes them only warns.
+_RESTART_ONLY = ("server", "redis", "admin", "state")
+
+
+def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:
+    runtime = app[RUNTIME]
+    try:
+        config = load()
+        router, warnings = build_router(config)
+    except (ConfigError, GeoDataError) as exc:
+        log.error("reload refused, keeping the running config: %s", exc)
+        return
+    for warning in warnings:
+        log.warning("%s", warning)
+    running = runtime.router.config
+    for section in _RESTART_ONLY:
+        if getattr(config, section) != getattr(running, section):
+            log.warning("%s.* settings changed; they take effect after a restart", section)
+    if config.probing.enabled != running.probing.enabled:
+        log.warning("probing.enabled changed; it takes effect after a restart")
+    old = runtime.router
+    runtime.adopt(router)
+    old.locator.close()
+    log.info("config reloaded: %d nodes", len(config.nodes))
+
+
+async def _serve_metrics_apart(
+    app: web.Application, config: GatewayConfig, shared_port: bool
+) -> web.AppRunner | None:
+    """/metrics on its own listener when ``metrics.port`` is set (kept off the public port)."""
+    metrics = config.metrics
+    if not metrics.enabled or metrics.port is None:
+        return None
+    metrics_app = web.Application()
+    metrics_app[RUNTIME] = app[RUNTIME]
+    metrics_app.router.add_get("/metrics", metrics_endpoint)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, metrics.host, metrics.port, reuse_port=shared_port).start()
+    log.info("metrics on %s:%d", metrics.host, metrics.port)
+    return runner
+
+
+async def serve(
+    router: Router,
+    load_config: Callable[[], GatewayConfig],
+    *,
+    host: str,
+    port: int,
+    shared_port: bool = False,
+) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config.
+
+    ``shared_port``: one of several workers on the port (SO_REUSEPORT, shared-file metrics).
+    On SIGTERM /readyz turns 503 at once, the listener closes and requests in flight finish
+    (up to ``SHUTDOWN_GRACE_S``).
+    """
+    config = router.config
+    metrics_dir = os.environ.get(MULTIPROC_ENV_VAR) if shared_port else None
+    app = create_app(build_runtime(router, metrics_dir=metrics_dir))
+    runner = make_runner(
+        app,
+        fast_answer_for(app[RUNTIME]),
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        **handler_limits(config),
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=shared_port)
+    await site.start()
+    log.info("serving on %s:%d with %d nodes", host, port, len(config.nodes))
+    metrics_runner = await _serve_metrics_apart(app, config, shared_port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app, load_config)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        app[RUNTIME].stopping = True
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        await runner.cleanup()
+        app[RUNTIME].router.locator.close()
