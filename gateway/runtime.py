@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -14,6 +15,9 @@ from gateway.routing.router import Router
 from gateway.state.probe import Prober
 from gateway.state.store import StateStore
 from gateway.state.sync import SyncTracker
+
+#: Cells scored again between two yields to the event loop: at most a few milliseconds.
+RESCORE_SLICE = 32
 
 
 class Runtime:
@@ -51,6 +55,22 @@ class Runtime:
         if self.prober is not None:
             self.prober.reconfigure(router.config.nodes, router.config.probing)
         self.sync.reconfigure(router.config.nodes, router.config.sync)
+
+    async def rescore_on_changes(self) -> None:
+        """Keep the router's scored candidates current: after each live-state change, score
+        the cells in use again, most recently used first, a slice at a time so requests are
+        never held up, starting over when the state changes again meanwhile."""
+        live = self.store.live
+        while True:
+            await live.changed.wait()
+            live.changed.clear()
+            router, version = self.router, live.version
+            for count, cell in enumerate(router.stale_cells(version), 1):
+                if live.version != version or router is not self.router:
+                    break
+                router.rescore(cell, live.statuses, version)
+                if count % RESCORE_SLICE == 0:
+                    await asyncio.sleep(0)
 
     def sample(self) -> GatewaySample:
         """Live state for the scrape-time metrics collector (never on the request path)."""

@@ -57,6 +57,21 @@ def test_a_full_cache_stays_bounded_under_endless_new_keys() -> None:
     assert cache.get(199_999) == 199_999 and cache.get(0) is None
 
 
+def test_a_weighed_cache_bounds_the_total_weight() -> None:
+    cache: LRUCache[str, str] = LRUCache(10, weigh=len)
+    for key, value in [("a", "xxxx"), ("b", "xxx"), ("c", "xx")]:
+        cache.put(key, value)
+    assert cache.weight == 9
+    cache.put("b", "x")  # a replaced value's weight is given back
+    assert cache.weight == 7 and len(cache) == 3
+    cache.put("d", "xxxxx")  # 12 > 10: "a", the least recently used, goes
+    assert cache.get("a") is None and cache.weight == 8
+    cache.put("e", "x" * 50)  # heavier than the limit on its own: kept, alone
+    assert len(cache) == 1 and cache.get("e") is not None and cache.weight == 50
+    cache.clear()
+    assert cache.weight == 0 and len(cache) == 0
+
+
 @pytest.mark.parametrize("revision", [COMMIT, "main", "v1.0", "refs/pr/7"])
 def test_with_revision_takes_commits_by_shape_and_checks_the_rest(revision: str) -> None:
     ref = FileRef("model", "org/model", "main", "a/b.bin")

@@ -9,6 +9,7 @@ many nodes whatever the number configured.
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 from dataclasses import replace
 
@@ -21,9 +22,9 @@ from gateway.geo.clientip import ClientAddress
 from gateway.geo.locator import DatabaseInfo, IPAddress, Location
 from gateway.hf.paths import FileRef
 from gateway.routing import ranking
-from gateway.routing.ranking import FRONT, NodeIndex, Ranking
-from gateway.routing.router import Router
-from gateway.routing.rule import TIERS, Decision, distance_to
+from gateway.routing.ranking import FRONT, NodeIndex
+from gateway.routing.router import WIDEN, Router
+from gateway.routing.rule import TIERS, Decision, Tier, distance_to
 from gateway.state.live import NodeStatus
 
 # Few distinct places, so that equal distances (and the weight/id tie-break) are common.
@@ -78,16 +79,18 @@ def test_a_front_is_the_start_of_the_full_ranking(
     policy = RoutingConfig(max_tier=max_tier)  # type: ignore[arg-type]
     index = NodeIndex(nodes)
     complete, _ = index.explained(client, policy)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ranking, "FRONT", front)
-        kept = index.ranking(index.cell(client), policy)
+    kept = index.ranking(index.cell(client), policy, front)
+    whole = index.ranking(index.cell(client), policy, len(nodes))
     for tier in TIERS:
         full = list(complete[tier])
         assert list(kept.fronts[tier]) == full[:front]
-        assert kept.truncated[tier] == (len(full) > front)
-        # Past the front, a request reads the rest of the tier in the same order.
-        assert list(kept.tiers()[tier]) == full
+        assert list(whole.fronts[tier]) == full
         assert all(d == distance_to(node, client) for node, d in full)
+        # Every node past the front is at least as far as the front's reach.
+        if len(full) > front:
+            assert all((d or 0.0) >= kept.reaches[tier] for _, d in full[front:])
+        else:
+            assert kept.reaches[tier] == math.inf
 
 
 live = st.builds(
@@ -140,9 +143,9 @@ def test_reads_past_a_tiny_front_decide_as_explain(
     router, reference = (Router(config, locator, random.Random(seed)) for _ in range(2))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ranking, "FRONT", 2)
-        for _ in range(2):  # first building the ranking, then from the cached one
+        for _ in range(2):  # first scoring the cell, then from the cached candidates
             placed = router.placement(address(1))
-            fast = router.route(REF, placed, statuses, revisions=revisions).decision
+            fast = router.route(REF, placed, statuses, revisions=revisions, version=1).decision
             full = reference.route(REF, placed, statuses, revisions=revisions, explain=True)
             assert_decides_as_explained(fast, full.decision)
 
@@ -217,10 +220,6 @@ def world(count: int, *, near: Location = BEIJING) -> tuple[NodeConfig, ...]:
     )
 
 
-def kept_nodes(kept: Ranking) -> int:
-    return sum(len(front) for front in kept.fronts)
-
-
 def test_clients_differing_only_in_an_unreferenced_asn_share_a_ranking() -> None:
     clients = {
         ip(1): BEIJING,
@@ -236,7 +235,7 @@ def test_clients_differing_only_in_an_unreferenced_asn_share_a_ranking() -> None
     decisions = [router.route(REF, router.placement(address(n))).decision for n in (1, 2, 3, 4)]
     # AS4134 (listed by n00000) and AS9808 (served by "mobile") each get their own ranking;
     # AS4808 is no different from no ASN at all.
-    assert len(router._rankings) == 3
+    assert len(router._cells) == 3
     assert decisions[0].reason == "same_asn"
     assert decisions[1] == decisions[2]
 
@@ -246,7 +245,25 @@ def test_a_kept_ranking_does_not_grow_with_the_node_count() -> None:
     for count in (FRONT + 1, 20 * FRONT):
         router = Router(GatewayConfig(nodes=world(count)), FixedLocator({ip(1): BEIJING}))
         router.route(REF, router.placement(address(1)))
-        (kept,) = router._rankings._entries.values()
-        sizes.append(kept_nodes(kept))
+        ((_, entry),) = router._cells.newest_first()
+        sizes.append(entry.ranking.size)
     # n00000 is alone in the ASN tier; the rest share the country tier, of which FRONT are kept.
     assert sizes == [1 + FRONT] * 2
+
+
+def test_a_cell_whose_nearest_nodes_cannot_tell_is_widened_and_stays_wide() -> None:
+    nodes = world(20 * FRONT)
+    router = Router(GatewayConfig(nodes=nodes), FixedLocator({ip(1): BEIJING}))
+    placed = router.placement(address(1))
+    nearest = router._index.ranking(placed.cell, router.config.routing).fronts[Tier.COUNTRY]
+    # Every node a first ranking keeps lacks the revision: only a wider front can tell.
+    revisions = Lacking({node.id for node, _ in nearest})
+    route = router.route(REF, placed, revisions=revisions, version=1)
+    explained = router.route(REF, placed, revisions=revisions, explain=True)
+    assert route.decision.node is not None and route.decision.node == explained.decision.node
+    ((_, entry),) = router._cells.newest_first()
+    assert entry.ranking.front == FRONT * WIDEN
+    assert router._cells.weight == entry.ranking.size > 1 + FRONT
+    router.route(REF, placed, revisions=revisions, version=1)
+    ((_, again),) = router._cells.newest_first()
+    assert again is entry  # decided from the wide ranking, not widened again

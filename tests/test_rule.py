@@ -12,13 +12,15 @@ from hypothesis import strategies as st
 
 from gateway.config import NodeConfig, RoutingConfig, ServiceArea
 from gateway.geo.locator import UNKNOWN_LOCATION, Location
-from gateway.routing import ranking
 from gateway.routing.ranking import NodeIndex
+from gateway.routing.router import WIDEN
 from gateway.routing.rule import (
+    TIERS,
     Candidate,
     Decision,
     Exclusion,
     Tier,
+    TierCandidates,
     at_capacity,
     bounded_rendezvous,
     choose,
@@ -28,6 +30,7 @@ from gateway.routing.rule import (
     near_equal_bound,
     rendezvous_order,
     score,
+    score_tier,
     takes_clients,
 )
 from gateway.state.live import NO_LIVE_STATE, NodeStatus
@@ -79,11 +82,18 @@ def evaluate(
 ) -> Decision:
     """The explain decision over every node: every candidate and every exclusion."""
     tiers, configured = NodeIndex(nodes).explained(client, policy)
+    excluded = [*configured]
+    scored = [
+        score_tier(tier, members, statuses, policy, excluded=excluded)
+        for tier, members in zip(TIERS, tiers, strict=True)
+    ]
     missing = unavailable or {}
-    return decide(
-        tiers, statuses, policy, rng, unavailable=lambda node: missing.get(node.id), key=key,
-        recent=recent, warm_caches=warm_caches, explain=True, configured=configured,
+    decision = decide(
+        scored, policy, rng, unavailable=lambda node: missing.get(node.id), key=key,
+        recent=recent, warm_caches=warm_caches, excluded=excluded,
     )  # fmt: skip
+    assert decision is not None  # every tier is whole
+    return decision
 
 
 def brute_force(
@@ -105,7 +115,7 @@ def brute_force(
         if not takes_clients(status, policy) or node.id in unavailable:
             continue
         distance = ranking_distance(node, client)
-        candidate = Candidate(node, tier, distance, score(distance, status, policy))
+        candidate = Candidate(node, tier, distance, score(distance, status, policy), status.load)
         (reserve if at_capacity(status) else accepted).append(candidate)
     order = lambda c: (c.tier, c.score, -c.node.weight, c.node.id)  # noqa: E731
     return sorted(accepted, key=order), sorted(reserve, key=order)
@@ -508,20 +518,34 @@ def test_a_request_decides_as_scoring_every_node_would(
     front: int,
     seed: int,
 ) -> None:
-    """A request reads a ranking's front and stops early; the decision is the one scoring every
-    node gives: the same pool (so the same draw), and the best candidates in the same order."""
+    """A request scores the nearest nodes of each tier only and stops reading early; the
+    decision is the one scoring every node gives: the same pool (so the same draw), and the
+    best candidates in the same order."""
     policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
     statuses = {node.id: states[i] for i, node in enumerate(nodes)}
     unavailable = {node.id: "not synced" for i, node in enumerate(nodes) if i in missing}
     accepted, reserve = brute_force(nodes, client, statuses, policy, unavailable)
     index = NodeIndex(nodes)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ranking, "FRONT", front)
-        kept = index.ranking(index.cell(client), policy)
-    decision = decide(
-        kept.tiers(), statuses, policy, random.Random(seed),
-        unavailable=lambda node: unavailable.get(node.id), key="k", keep=3,
-    )  # fmt: skip
+    cell = index.cell(client)
+
+    def scored(width: int) -> list[TierCandidates]:
+        kept = index.ranking(cell, policy, width)
+        return [
+            score_tier(tier, members, statuses, policy, reach=reach)
+            for tier, members, reach in zip(TIERS, kept.fronts, kept.reaches, strict=True)
+        ]
+
+    rng = random.Random(seed)
+    decision = None
+    width = front
+    # The nearest nodes first; while they cannot tell, a wider front, as the router does.
+    while decision is None:
+        decision = decide(
+            scored(width), policy, rng, unavailable=lambda node: unavailable.get(node.id),
+            key="k", keep=3,
+        )  # fmt: skip
+        width *= WIDEN
+    assert decision is not None
     expected = choose(accepted or reserve, policy, random.Random(seed), key="k")
     assert decision.node == (expected.node if expected else None)
     assert decision.candidates == tuple(accepted[: len(decision.candidates)])

@@ -10,6 +10,8 @@ import re
 from typing import Literal, NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
+from gateway.lru import LRUCache
+
 RepoType = Literal["model", "dataset", "space"]
 PathErrorCode = Literal[
     "path_too_long",
@@ -147,13 +149,25 @@ def parse_resolve_path(raw_path: str, max_bytes: int = 4096) -> FileRef | None:
     return FileRef(repo_type, repo_id, revision, filename)
 
 
+#: Files whose resolve path is kept: a redirect names up to four (the node and its duplicates),
+#: and percent-encoding them anew is a fifth of a redirect's cost. At most a few MiB.
+RESOLVE_PATHS_KEPT = 16_384
+_resolve_paths: LRUCache[FileRef, str] = LRUCache(RESOLVE_PATHS_KEPT)
+
+
 def resolve_path_for(ref: FileRef) -> str:
     """The canonical raw resolve path of ``ref``; parsing it yields ``ref`` again.
 
     The one exception is a legacy repo at revision ``resolve`` with a nested filename, which the
     grammar cannot tell apart from an ``ns/name`` repo.
     """
-    return f"/{ref.type_prefix}{ref.repo_id}/resolve/{ref.revision_encoded}/{ref.filename_encoded}"
+    path = _resolve_paths.get(ref)
+    if path is None:
+        path = _resolve_paths.put(
+            ref,
+            f"/{ref.type_prefix}{ref.repo_id}/resolve/{ref.revision_encoded}/{ref.filename_encoded}",
+        )
+    return path
 
 
 def _echo(text: str) -> str:

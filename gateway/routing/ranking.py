@@ -2,9 +2,10 @@
 
 A ranking depends on the configuration and on the client's *cell* (the part of its location
 the rule reads), never on live state, so the router keeps one per cell for as long as the
-configuration holds. It keeps the nearest ``FRONT`` nodes of each tier; a request that reads
-past them (most of the nearest nodes down or lacking the revision) gets the rest of the tier
-ranked on the spot.
+configuration holds. It keeps the nearest ``front`` nodes of each tier and how far the rest
+are at least, which is all the rule needs as long as the best scores stay within that reach;
+where they do not (a dense place, most of the nearest nodes down or lacking the revision),
+the router ranks the cell again with a wider front.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
-from itertools import chain
 from typing import NamedTuple, TypeVar
 
 from gateway.config import NodeConfig, RoutingConfig
@@ -24,16 +24,14 @@ from gateway.routing.rule import (
     TIERS,
     Exclusion,
     Tier,
-    TierOrder,
     configured_exclusion,
     max_tier,
 )
 
-#: Nodes per tier a ranking keeps. A request's read of a tier stops within a few nodes (at the
-#: median 11, at the 90th percentile 22 in the benchmark's 10,000-node world) unless the
-#: near-equal pool is larger or most of the nearest nodes are down or lack the revision. A
-#: front bounds a ranking's memory whatever the node count: about 5 KiB at 10,000 nodes,
-#: against 1.3 MiB for all of them.
+#: Nodes per tier a ranking keeps at first. A request's read of a tier stops within a few
+#: nodes (at the median 11, at the 90th percentile 22 in the benchmark's 10,000-node world)
+#: unless the near-equal pool is larger or most of the nearest nodes are down or lack the
+#: revision. A front bounds a ranking's memory whatever the node count.
 FRONT = 32
 #: Half-width in radians (about 320 km) of the first latitude band searched for a tier's front.
 _FIRST_BAND = 0.05
@@ -80,24 +78,19 @@ def _in(groups: Mapping[_Key, tuple[_Member, ...]], key: _Key | None) -> tuple[_
 class Ranking:
     """One cell's nodes per tier, nearest first; ties go to the heavier node, then by id."""
 
-    index: NodeIndex
     cell: Cell
-    policy: RoutingConfig
+    #: How many nodes of each tier were kept at most.
+    front: int
     #: Indexed by ``Tier``: the tier's first nodes with their distances.
     fronts: tuple[tuple[tuple[NodeConfig, float | None], ...], ...]
-    #: Indexed by ``Tier``: whether the tier has nodes past its front.
-    truncated: tuple[bool, ...]
+    #: Indexed by ``Tier``: how far every node past the front is at least (``math.inf`` when
+    #: the front is the whole tier).
+    reaches: tuple[float, ...]
 
-    def tiers(self) -> TierOrder:
-        """Every tier in full, past the fronts read lazily (``rule.decide`` reads it)."""
-        return [
-            chain(front, self._past_front(tier, len(front))) if truncated else front
-            for tier, front, truncated in zip(TIERS, self.fronts, self.truncated, strict=True)
-        ]
-
-    def _past_front(self, tier: Tier, seen: int) -> Iterator[tuple[NodeConfig, float | None]]:
-        members = self.index.tiers(self.cell, max_tier(self.policy))[tier]
-        yield from self.index.ranked(members, self.cell, None)[seen:]
+    @property
+    def size(self) -> int:
+        """How many nodes the ranking keeps, in all tiers."""
+        return sum(map(len, self.fronts))
 
 
 class NodeIndex:
@@ -175,20 +168,22 @@ class NodeIndex:
         asn = client.asn if client.asn in self.asns else None
         return Cell(client.country, client.continent, client.latitude, client.longitude, asn)
 
-    def ranking(self, cell: Cell, policy: RoutingConfig) -> Ranking:
-        """The cell's ranking, keeping the first ``FRONT`` nodes of each tier."""
-        tiers = self.tiers(cell, max_tier(policy))
-        return Ranking(
-            self,
-            cell,
-            policy,
-            tuple(tuple(self.ranked(members, cell, FRONT)) for members in tiers),
-            tuple(len(members) > FRONT for members in tiers),
-        )
+    def ranking(self, cell: Cell, policy: RoutingConfig, front: int | None = None) -> Ranking:
+        """The cell's ranking, keeping the first ``front`` (by default ``FRONT``) nodes of
+        each tier."""
+        front = FRONT if front is None else front
+        fronts = []
+        reaches = []
+        for members in self.tiers(cell, max_tier(policy)):
+            nearest = self.ranked(members, cell, front)
+            fronts.append(tuple(nearest))
+            # Nodes without coordinates sort as if at distance 0.
+            reaches.append((nearest[-1][1] or 0.0) if len(members) > len(nearest) else math.inf)
+        return Ranking(cell, front, tuple(fronts), tuple(reaches))
 
     def explained(
         self, client: Location, policy: RoutingConfig
-    ) -> tuple[TierOrder, list[Exclusion]]:
+    ) -> tuple[list[list[tuple[NodeConfig, float | None]]], list[Exclusion]]:
         """Every tier in full for ``client``, and the exclusions configuration makes: what
         explain shows. The tiers are those a ranking of the client's cell gives."""
         cell = self.cell(client)

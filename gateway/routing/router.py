@@ -1,10 +1,14 @@
 """The router: client address -> location -> the rule's decision -> redirect URL.
 
 Shared by the redirect handlers, explain and Metalink, so all of them always agree. A
-``Router`` is built once per config (start or reload) and never changes afterwards; it caches
-what the rule reads and does not depend on live state: each client address's location, and
-each location cell's ranking (``ranking``). Live state is read per request, so no cached
-decision can go stale.
+``Router`` is built once per config (start or reload). It caches what the rule reads, keyed by
+validated values and bounded in entries: each client address's location, and per location cell
+its ranking (``ranking``, configuration only) and its scored candidates under one version of
+the live state (``rule.score_tier``). An entry scored under an older version is never used: a
+request that finds one scores the cell itself, and ``rescore_stale`` (run by a background task
+whenever the live state changes) scores the cells in use again, most recently used first, so
+that requests rarely have to. The decision itself (which node, for which file) is made per
+request and never cached.
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ from gateway.hf.paths import FileRef
 from gateway.hf.targets import node_url, upstream_url
 from gateway.lru import LRUCache
 from gateway.routing.ranking import Cell, NodeIndex, Ranking
-from gateway.routing.rule import Decision, decide
+from gateway.routing.rule import TIERS, Decision, Exclusion, Scored, decide, score_tier
 from gateway.state.live import NO_LIVE_STATE, NodeStatuses
 
 PRIVATE_CACHE_CONTROL = "private, no-store"
-#: Location cells whose ranking is kept: GeoIP answers repeat per city, and a ranking holds at
-#: most ``ranking.FRONT`` nodes per tier (about 5 KiB at 10,000 nodes, so 40 MiB at most).
-RANKED_CELLS = 8192
+#: Nodes the rankings and scored candidates of all cached location cells hold together (GeoIP
+#: answers repeat per city, so cells do too). A cell holds at most ``ranking.FRONT`` nodes per
+#: tier at first, more once its ranking was widened; each node kept costs about 200 bytes,
+#: so the cache stays near 100 MiB at most whatever the node count.
+RANKED_NODES = 500_000
+#: How much wider a cell's ranking gets each time the rule could not decide from it.
+WIDEN = 4
 #: Client addresses whose location is kept (about 400 bytes each, so 26 MiB at most).
 LOCATED_CLIENTS = 65_536
 
@@ -71,6 +79,21 @@ class Placement(NamedTuple):
     cell: Cell
 
 
+class _CellEntry:
+    """A cell's ranking, and its candidates scored under live-state version ``version``."""
+
+    __slots__ = ("ranking", "scored", "version")
+
+    def __init__(self, ranking: Ranking) -> None:
+        self.ranking = ranking
+        self.version = -1
+        self.scored: Scored = ()
+
+    def size(self) -> int:
+        """Its weight in the cells' cache: the nodes it keeps."""
+        return self.ranking.size
+
+
 class Route(NamedTuple):
     client: ClientAddress
     location: Location
@@ -100,7 +123,7 @@ class Router:
         self._index = NodeIndex(config.nodes)
         #: The chosen node and the duplicates a redirect names.
         self._sources_named = config.responses.duplicate_links + 1
-        self._rankings: LRUCache[Cell, Ranking] = LRUCache(RANKED_CELLS)
+        self._cells: LRUCache[Cell, _CellEntry] = LRUCache(RANKED_NODES, _CellEntry.size)
         self._placements: LRUCache[ClientAddress, Placement] = LRUCache(LOCATED_CLIENTS)
 
     def place(self, peer: str | None, headers: ForwardingHeaders) -> Placement:
@@ -133,11 +156,40 @@ class Router:
     def _locate_ip(self, client: ClientAddress) -> Location:
         return UNKNOWN_LOCATION if client.ip is None else self.locator.locate(client.ip)
 
-    def _ranking(self, cell: Cell) -> Ranking:
-        ranking = self._rankings.get(cell)
-        if ranking is None:
-            ranking = self._rankings.put(cell, self._index.ranking(cell, self.config.routing))
-        return ranking
+    def _cell(self, cell: Cell) -> _CellEntry:
+        entry = self._cells.get(cell)
+        if entry is None:
+            ranking = self._index.ranking(cell, self.config.routing)
+            entry = self._cells.put(cell, _CellEntry(ranking))
+        return entry
+
+    def _score(self, entry: _CellEntry, statuses: NodeStatuses, version: int) -> Scored:
+        ranking, policy = entry.ranking, self.config.routing
+        scored = tuple(
+            score_tier(tier, front, statuses, policy, reach=reach)
+            for tier, front, reach in zip(TIERS, ranking.fronts, ranking.reaches, strict=True)
+        )
+        entry.scored, entry.version = scored, version
+        return scored
+
+    def scored(self, cell: Cell, statuses: NodeStatuses, version: int | None) -> Scored:
+        """The cell's candidates under ``statuses``, from the cache when they were scored under
+        live-state ``version`` (None: statuses that have no version; nothing is kept)."""
+        entry = self._cell(cell)
+        if version is not None and entry.version == version:
+            return entry.scored
+        return self._score(entry, statuses, -1 if version is None else version)
+
+    def stale_cells(self, version: int) -> list[Cell]:
+        """The cached cells not scored under ``version``, most recently used first."""
+        return [cell for cell, entry in self._cells.newest_first() if entry.version != version]
+
+    def rescore(self, cell: Cell, statuses: NodeStatuses, version: int) -> None:
+        """Score a cached cell again under live-state ``version`` (a cell no longer cached is
+        left alone)."""
+        entry = self._cells.peek(cell)
+        if entry is not None and entry.version != version:
+            self._score(entry, statuses, version)
 
     def route(
         self,
@@ -147,25 +199,41 @@ class Router:
         recent: Mapping[str, int] | None = None,
         revisions: RevisionCheck = ALL_REVISIONS,
         *,
+        version: int | None = None,
         explain: bool = False,
     ) -> Route:
         """Route one request for ``ref`` (pinned to upstream's commit when known).
 
-        ``recent`` counts redirects per node for cache balancing; ``revisions`` says which
-        nodes can serve this revision, which serve another commit of it, which caches hold
-        it. ``explain`` reads every node and lists every exclusion, as explain shows them.
+        ``statuses`` is the live state, ``version`` its version (``LiveState.version``) when it
+        has one; ``recent`` counts redirects per node for cache balancing; ``revisions`` says
+        which nodes can serve this revision, which serve another commit of it, which caches
+        hold it. ``explain`` scores every node and lists every exclusion, as explain shows.
         """
         routing = self.config.routing
+        key = route_key(ref)
+
+        def choose_in(scored: Scored, excluded: list[Exclusion] | None = None) -> Decision | None:
+            return decide(
+                scored, routing, self._rng, unavailable=revisions.reason, key=key,
+                recent=recent, warm_caches=revisions, keep=self._sources_named,
+                excluded=excluded,
+            )  # fmt: skip
+
         if explain:
             tiers, configured = self._index.explained(placement.location, routing)
+            excluded = [*configured]
+            decision = choose_in(
+                [
+                    score_tier(tier, nodes, statuses, routing, excluded=excluded)
+                    for tier, nodes in zip(TIERS, tiers, strict=True)
+                ],
+                excluded,
+            )
+            assert decision is not None  # tiers listed whole always tell
         else:
-            tiers, configured = self._ranking(placement.cell).tiers(), []
-        decision = decide(
-            tiers, statuses, routing, self._rng,
-            unavailable=revisions.reason, key=route_key(ref), recent=recent,
-            warm_caches=revisions, keep=self._sources_named, explain=explain,
-            configured=configured,
-        )  # fmt: skip
+            decision = choose_in(self.scored(placement.cell, statuses, version))
+            while decision is None:
+                decision = choose_in(self._widen(placement.cell, statuses, version))
         client, location = placement.client, placement.location
         if decision.node is None:
             url = upstream_url(self.config.upstream.url, ref)
@@ -174,3 +242,12 @@ class Router:
         pinned = ref if revision == ref.revision else ref.with_revision(revision)
         url = node_url(decision.node, pinned)
         return Route(client, location, decision, url, revision, placement.from_cdn_only)
+
+    def _widen(self, cell: Cell, statuses: NodeStatuses, version: int | None) -> Scored:
+        """The cell ranked again with a wider front and scored: for a request ``decide`` could
+        not tell from the current one. Once the front holds every node of every tier it always
+        tells, so a request widens a few times at most, and the cell stays wide."""
+        ranking = self._cell(cell).ranking
+        wider = self._index.ranking(cell, self.config.routing, ranking.front * WIDEN)
+        entry = self._cells.put(cell, _CellEntry(wider))
+        return self._score(entry, statuses, -1 if version is None else version)

@@ -1,20 +1,20 @@
 """The routing rule: which node serves a client, and why every other node does not.
 
-Pure functions over plain data. A node is first *filtered*: configuration (enabled, service
-area, widest tier) and live state (down, draining, disabled by an operator, failing transport,
-lacking the revision) exclude it with a reason, a bounded machine word usable as a metric label
-plus a human detail. Each remaining node is *scored* within its tier (same ASN, same country,
-same continent, anywhere): distance in km, plus measured latency and load converted to km.
-The best tier's *near-equals* (scores within a band of the best) share the clients: by weight,
-drawn with the ``random.Random`` the caller passes (deterministic in tests), except that cache
-nodes compete as one group inside which the file picks the cache by bounded-load rendezvous
-hashing, so one file keeps hitting one cache. A node at capacity is held in reserve and chosen
-only when no other node may serve; no node at all sends the client upstream.
+Pure functions over plain data, in two steps. ``score_tier`` filters one tier's nodes (same
+ASN, same country, same continent, anywhere; a closer tier always wins) by live state (down,
+draining, disabled by an operator, failing transport: each excluded with a reason, a bounded
+machine word usable as a metric label, plus a human detail) and scores the rest: distance in
+km, plus measured latency and load converted to km. A node at capacity is held in reserve.
+``decide`` then takes, per request, the candidates that hold the requested revision, and picks
+among the best tier's *near-equals* (scores within a band of the best): by weight, drawn with
+the ``random.Random`` the caller passes (deterministic in tests), except that cache nodes
+compete as one group inside which the file picks the cache by bounded-load rendezvous hashing,
+so one file keeps hitting one cache. The reserve serves only when no other node may; no node
+at all sends the client upstream.
 
-``decide`` is the one entry point. It takes, per tier, the nodes nearest first (``ranking``),
-and stops reading a tier once the distance alone rules a node out: a score is at least the
-distance, so a node farther than the best score plus the band cannot join the near-equals.
-With ``explain`` it reads every node and lists every exclusion, as the explain endpoint shows.
+Scoring needs only the client's location and the live state, so its result can be cached per
+location (``router``); a tier may be scored from its nearest nodes only (``ranking``), as a
+node's score is at least its distance: ``decide`` says when that cannot tell.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ class Candidate(NamedTuple):
     distance_km: float | None
     #: Lower is better; comparable only within one tier.
     score: float
+    #: The node's load, as a share of its capacity, when it publishes one.
+    load: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +107,6 @@ class Decision(NamedTuple):
     excluded: tuple[Exclusion, ...]
 
 
-#: Per tier, the nodes configuration allows for a client, nearest first, with their distance
-#: (None when either end has no coordinates). Iterables, so a long tier can be read lazily.
-TierOrder = Sequence[Iterable[tuple[NodeConfig, "float | None"]]]
 #: Why a node cannot serve the requested revision, or None when it can.
 RevisionMiss = Callable[[NodeConfig], "str | None"]
 
@@ -300,56 +299,77 @@ def choose(
     return next(c for c in warm if c.node is chosen)
 
 
-def _read_tier(
+class TierCandidates(NamedTuple):
+    """One tier's nodes that take clients, scored under one live state, best first."""
+
+    accepted: tuple[Candidate, ...]
+    #: At capacity: chosen only when no tier has an accepted node holding the file.
+    reserve: tuple[Candidate, ...]
+    #: Every node of the tier not listed is at least this far away (so scores at least this
+    #: much); ``math.inf`` when the tier is listed whole.
+    reach: float
+
+
+#: Per tier (indexed by ``Tier``), its scored candidates.
+Scored = Sequence[TierCandidates]
+
+
+def score_tier(
     tier: Tier,
     nodes: Iterable[tuple[NodeConfig, float | None]],
-    need: int,
-    pool: bool,
     statuses: NodeStatuses,
     policy: RoutingConfig,
-    unavailable: RevisionMiss,
-    reserve: list[Candidate],
-    excluded: list[Exclusion] | None,
-) -> list[Candidate]:
-    """The tier's candidates, best first: exact for the best ``need`` and, with ``pool``, for
-    every near-equal of the best. Nodes at capacity go to ``reserve``. With ``excluded`` the
-    whole tier is read and every exclusion recorded there."""
+    *,
+    reach: float = math.inf,
+    excluded: list[Exclusion] | None = None,
+) -> TierCandidates:
+    """Filter ``nodes`` (one tier's, with their distances) by live state and score the rest.
+    Nodes that take no clients are left out, with their reason in ``excluded`` when given."""
     accepted: list[Candidate] = []
-    scores: list[float] = []
-    # Past this distance no node can score into what is needed; it moves only on acceptance.
-    limit = math.inf
+    reserve: list[Candidate] = []
     for node, distance in nodes:
-        if excluded is None and (distance or 0.0) > limit:
-            break
         status = statuses.get(node.id, NODE_ASSUMED_UP)
         if not takes_clients(status, policy):
             if excluded is not None:
                 excluded.append(_live_exclusion(node, status))
             continue
-        missing = unavailable(node)
+        candidate = Candidate(node, tier, distance, score(distance, status, policy), status.load)
+        (reserve if at_capacity(status) else accepted).append(candidate)
+    accepted.sort(key=_by_preference)
+    reserve.sort(key=_by_preference)
+    return TierCandidates(tuple(accepted), tuple(reserve), reach)
+
+
+def _holding(
+    tier: TierCandidates,
+    need: int,
+    pool: bool,
+    policy: RoutingConfig,
+    unavailable: RevisionMiss,
+    excluded: list[Exclusion] | None,
+) -> list[Candidate] | None:
+    """The tier's candidates that hold the file, best first: exact for the best ``need`` and,
+    with ``pool``, for every near-equal of the best; None when the nodes past the tier's
+    listed ones could be among them. With ``excluded`` every candidate is read and each one
+    lacking the file recorded there."""
+    holding: list[Candidate] = []
+    bound = math.inf
+    for candidate in tier.accepted:
+        if excluded is None and candidate.score > bound:
+            break
+        missing = unavailable(candidate.node)
         if missing is not None:
             if excluded is not None:
-                excluded.append(Exclusion(node, "missing_revision", missing))
+                excluded.append(Exclusion(candidate.node, "missing_revision", missing))
             continue
-        candidate = Candidate(node, tier, distance, score(distance, status, policy))
-        if at_capacity(status):
-            if excluded is not None:
-                detail = f"load {status.load:.0%} of capacity; last resort"
-                excluded.append(Exclusion(node, "at_capacity", detail))
-            reserve.append(candidate)
-            continue
-        accepted.append(candidate)
-        scores.append(candidate.score)
-        scores.sort()
-        needed = scores[need - 1] if len(scores) >= need else math.inf
-        limit = max(near_equal_bound(scores[0], policy) if pool else -math.inf, needed)
-    accepted.sort(key=_by_preference)
-    return accepted
+        holding.append(candidate)
+        needed = holding[need - 1].score if len(holding) >= need else math.inf
+        bound = max(near_equal_bound(holding[0].score, policy) if pool else -math.inf, needed)
+    return holding if bound < tier.reach or tier.reach == math.inf else None
 
 
 def decide(
-    tiers: TierOrder,
-    statuses: NodeStatuses,
+    scored: Scored,
     policy: RoutingConfig,
     rng: random.Random,
     *,
@@ -358,41 +378,60 @@ def decide(
     recent: Mapping[str, int] | None = None,
     warm_caches: Container[str] = frozenset(),
     keep: int = 1,
-    explain: bool = False,
-    configured: Sequence[Exclusion] = (),
-) -> Decision:
-    """Choose the node for one request.
+    excluded: list[Exclusion] | None = None,
+) -> Decision | None:
+    """Choose the node for one request, or None when a tier's listed candidates cannot tell
+    (the caller then scores that tier whole, ``score_tier``, and asks again).
 
-    ``tiers``: per tier, the nodes configuration allows, nearest first (``ranking``).
     ``unavailable`` says why a node cannot serve the requested revision. ``key`` names the file
     (rendezvous among caches), ``recent`` counts redirects per node, ``warm_caches`` are the
     caches holding the file. The decision lists the best ``keep`` candidates from the chosen
-    tier on. ``explain`` reads every node and lists every candidate and exclusion, with
-    ``configured`` (the exclusions configuration made) first.
+    tier on. With ``excluded`` (explain: ``scored`` lists every node) every candidate is read,
+    the decision lists them all, and every exclusion ends up in ``excluded``.
     """
-    excluded: list[Exclusion] | None = [*configured] if explain else None
-    reserve: list[Candidate] = []
+    explain = excluded is not None
     listed: list[Candidate] = []
     pool: list[Candidate] = []
-    for tier in TIERS:
+    for tier in scored:
         if not explain and pool and len(listed) >= keep:
             break
         need = max(keep - len(listed), 1)
-        accepted = _read_tier(
-            tier, tiers[tier], need, not pool, statuses, policy, unavailable, reserve, excluded
-        )
+        holding = _holding(tier, need, not pool, policy, unavailable, excluded)
+        if holding is None:
+            return None
         if not pool:
-            pool = near_equals(accepted, policy)
-        listed += accepted if explain else accepted[:need]
+            pool = near_equals(holding, policy)
+        listed += holding if explain else holding[:need]
+    # Nodes at capacity hold the reserve: chosen only when no tier had a candidate holding
+    # the file. Every candidate was then read, and each tier is listed whole (``_holding``
+    # said so), so the reserve is complete. Explain reads it always, for its exclusions.
+    reserve = (
+        [c for tier in scored for c in tier.reserve if _reserve_holds(c, unavailable, excluded)]
+        if explain or not pool
+        else []
+    )
     exclusions = tuple(excluded or ())
     if pool:
         chosen = choose(pool, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
         assert chosen is not None  # the pool is not empty
         shown = tuple(listed) if explain else tuple(listed[:keep])
         return Decision(chosen.node, TIER_REASON[chosen.tier], shown, exclusions)
-    # No tier had a candidate, so every node was read: the reserve is complete.
     reserve.sort(key=_by_preference)
     last_resort = choose(reserve, policy, rng, key=key, recent=recent, warm_caches=warm_caches)
     if last_resort is not None:
         return Decision(last_resort.node, "at_capacity_last_resort", (), exclusions)
     return Decision(None, "no_eligible_node", (), exclusions)
+
+
+def _reserve_holds(
+    candidate: Candidate, unavailable: RevisionMiss, excluded: list[Exclusion] | None
+) -> bool:
+    """Whether a node at capacity holds the file; why it is excluded, into ``excluded``."""
+    missing = unavailable(candidate.node)
+    if excluded is not None:
+        if missing is not None:
+            excluded.append(Exclusion(candidate.node, "missing_revision", missing))
+        else:
+            detail = f"load {candidate.load or 0:.0%} of capacity; last resort"
+            excluded.append(Exclusion(candidate.node, "at_capacity", detail))
+    return missing is None

@@ -9,6 +9,7 @@ time: when shared state is unreachable the gateway keeps routing on the last vie
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -40,8 +41,6 @@ NodeStatuses = Mapping[str, NodeStatus]
 NO_LIVE_STATE: NodeStatuses = MappingProxyType({})
 
 NOT_YET_PROBED = "not yet probed"
-#: Status changes ``LiveState`` remembers by node, for caches that depend on a few nodes only.
-CHANGE_LOG_SIZE = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +180,8 @@ class LiveState:
         self.statuses: dict[str, NodeStatus] = {}
         #: Bumped on every change, so derived caches know when to rebuild.
         self.version = 0
-        #: The node whose status each recent version changed: ``_changes[v - _log_start - 1]``
-        #: changed version ``v``. Reset by ``reconfigure``, which changes every node at once.
-        self._changes: list[str] = []
-        self._log_start = 0
+        #: Set on every change, for the tasks that rebuild derived caches.
+        self.changed = asyncio.Event()
         self.reconfigure(nodes)
 
     def reconfigure(self, nodes: Sequence[NodeConfig]) -> None:
@@ -200,8 +197,7 @@ class LiveState:
             )
         self.statuses = {node_id: self._status(r) for node_id, r in self._records.items()}
         self.version += 1
-        self._changes = []
-        self._log_start = self.version
+        self.changed.set()
 
     def _status(self, records: _NodeRecords) -> NodeStatus:
         probe = preferred_probe(records.probes.values(), self.vantage)
@@ -220,18 +216,7 @@ class LiveState:
         if current != status:
             self.statuses[node_id] = status
             self.version += 1
-            self._changes.append(node_id)
-            if len(self._changes) > CHANGE_LOG_SIZE:
-                dropped = len(self._changes) - CHANGE_LOG_SIZE // 2
-                del self._changes[:dropped]
-                self._log_start += dropped
-
-    def changed_since(self, version: int) -> Sequence[str] | None:
-        """The nodes whose status changed after ``version`` (repeats possible), or None when
-        that is no longer known (too long ago, or every node changed in a reconfigure)."""
-        if version < self._log_start:
-            return None
-        return self._changes[version - self._log_start :]
+            self.changed.set()
 
     def apply_probe(self, record: ProbeRecord) -> None:
         records = self._records.get(record.node_id)

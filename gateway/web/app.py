@@ -27,7 +27,10 @@ async def _run_background(app: web.Application) -> AsyncIterator[None]:
     await runtime.store.start()
     await runtime.catalog.start()
     await runtime.proxy.start()
-    tasks = [asyncio.create_task(runtime.sync.run(), name="sync")]
+    tasks = [
+        asyncio.create_task(runtime.sync.run(), name="sync"),
+        asyncio.create_task(runtime.rescore_on_changes(), name="rescore"),
+    ]
     if runtime.prober is not None:
         tasks.append(asyncio.create_task(runtime.prober.run(), name="prober"))
     yield

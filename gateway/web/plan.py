@@ -63,9 +63,10 @@ def _routed(
     )
     store = runtime.store
     started = time.perf_counter()
+    live = store.live
     route = runtime.router.route(
-        pinned, placement, store.live.statuses, store.redirects.current, revisions,
-        explain=explain,
+        pinned, placement, live.statuses, store.redirects.current, revisions,
+        version=live.version, explain=explain,
     )  # fmt: skip
     return route, meta, revisions.other_commits, time.perf_counter() - started
 
