@@ -63,6 +63,8 @@ class GatewayProcess:
     ) -> None:
         self.port = free_port()
         if isinstance(config, dict):
+            # Tests stop gateways all the time: no drain window unless a test asks for one.
+            config = {**config, "server": {"drain_s": 0, **(config.get("server") or {})}}
             path = tmp_path / f"gateway-{self.port}.yaml"
             path.write_text(yaml.safe_dump(config))
             config = path
@@ -110,6 +112,13 @@ class GatewayProcess:
             wait_until(lambda: text in self.log.read_text(), timeout, f"log line {text!r}")
         except AssertionError:
             raise AssertionError(f"{text!r} not logged:\n{self.log.read_text()}") from None
+
+
+def worker_pids(gateway: GatewayProcess) -> set[int]:
+    """The worker processes of a multi-worker gateway (its supervisor's children)."""
+    pid = gateway.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(child) for child in children}
 
 
 def _base_env() -> dict[str, str]:
