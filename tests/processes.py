@@ -23,8 +23,18 @@ def free_port() -> int:
 
 def http(port: int, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
     """Send raw request bytes; return status, lower-cased headers and body."""
+    return http_in_pieces(port, [request], 0.0, timeout)
+
+
+def http_in_pieces(
+    port: int, pieces: list[bytes], pause_s: float, timeout: float = 10
+) -> tuple[int, dict[str, str], bytes]:
+    """As ``http``, the request sent in ``pieces`` with a pause after each but the last."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
+        for i, piece in enumerate(pieces):
+            sock.sendall(piece)
+            if i < len(pieces) - 1:
+                time.sleep(pause_s)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
