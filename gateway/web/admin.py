@@ -1,8 +1,10 @@
 """Admin HTTP API: list nodes with live state; drain, disable or enable a node.
 
 Off unless ``admin.token`` (or MIRROR_GATEWAY_ADMIN_TOKEN) is set; then every call needs
-``Authorization: Bearer <token>``. Changes go through the state store, so with Redis every
-instance sees them within its pub/sub latency. The token is never logged or echoed.
+``Authorization: Bearer <token>``, and a client that sent ``admin.max_failures`` wrong tokens
+within ``admin.failure_window_s`` gets 429 until that window ends (``gateway.ratelimit``).
+Changes go through the state store, so with Redis every instance sees them within its pub/sub
+latency. The token is never logged or echoed.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.config import AdminConfig
+from gateway.ratelimit import FailureLimiter, client_key
 from gateway.runtime import RUNTIME, Runtime
 from gateway.state.live import AdminMode, AdminRecord
 from gateway.state.store import StoreUnavailable
 from gateway.web.answers import json_error
+from gateway.web.handlers import forwarding_headers
 
 #: URL verb -> the admin mode it sets.
 ACTIONS: dict[str, AdminMode] = {"drain": "draining", "disable": "disabled", "enable": "active"}
@@ -60,11 +65,28 @@ def node_report(runtime: Runtime, node_id: str) -> dict[str, Any]:
     }
 
 
-def add_admin_routes(app: web.Application, token: str | None) -> None:
+def add_admin_routes(app: web.Application, config: AdminConfig) -> None:
+    token = config.token
+    limiter = FailureLimiter(config.max_failures, config.failure_window_s)
+
     async def guard(request: web.Request) -> web.Response | None:
         if token is None:
             return json_error(404, "admin_disabled", "the admin API is off (admin.token unset)")
+        router = request.app[RUNTIME].router
+        client = router.resolver.resolve(
+            request.remote, forwarding_headers(request.headers, router.config.client_ip)
+        )
+        key = client_key(client.ip)
+        retry_after = limiter.retry_after(key)
+        if retry_after is not None:
+            return json_error(
+                429,
+                "too_many_failures",
+                f"too many wrong admin tokens from this client; retry in {retry_after} s",
+                {"Retry-After": str(retry_after)},
+            )
         if not authorized(request, token):
+            limiter.failed(key)
             return json_error(
                 401,
                 "unauthorized",

@@ -52,7 +52,7 @@ def create_app(runtime: Runtime) -> web.Application:
         app.router.add_route("*", "/metrics", read_only(metrics_endpoint))
     app.router.add_route("*", "/healthz", read_only(healthz))
     app.router.add_route("*", "/readyz", read_only(readyz))
-    add_admin_routes(app, runtime.router.config.admin.token)
+    add_admin_routes(app, runtime.router.config.admin)
     add_view_routes(app)
     # [\s\S] rather than '.': a decoded %0A must still reach our handler and get a JSON 400.
     app.router.add_route("*", r"/{tail:[\s\S]*}", resolve)
