@@ -70,11 +70,12 @@ class GatewayProcess:
         *,
         env: dict[str, str] | None = None,
         workers: int = 1,
+        drain_s: float = 0.0,
     ) -> None:
         self.port = free_port()
         if isinstance(config, dict):
             # Tests stop gateways all the time: no drain window unless a test asks for one.
-            config = {**config, "server": {"drain_s": 0, **(config.get("server") or {})}}
+            config = {**config, "server": {**(config.get("server") or {}), "drain_s": drain_s}}
             path = tmp_path / f"gateway-{self.port}.yaml"
             path.write_text(yaml.safe_dump(config))
             config = path

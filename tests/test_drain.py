@@ -19,9 +19,8 @@ RESOLVE = "/acme/tiny-model/resolve/main/config.json"
 FROM_BEIJING = {"X-Forwarded-For": BEIJING_IP}
 
 
-def config(geo: GeoDBs, upstream: str, drain_s: float) -> dict[str, Any]:
+def config(geo: GeoDBs, upstream: str) -> dict[str, Any]:
     return {
-        "server": {"drain_s": drain_s},
         "upstream": {"url": upstream},
         "geoip": {"city_db": str(geo.city), "asn_db": str(geo.asn)},
         "probing": {"enabled": False},
@@ -37,7 +36,9 @@ def test_readyz_turns_503_while_the_listener_still_serves(
     geo_dbs: GeoDBs, fake_hub: FakeHub, tmp_path: Path, workers: int
 ) -> None:
     drain_s = 3.0
-    gateway = GatewayProcess(config(geo_dbs, fake_hub.url, drain_s), tmp_path, workers=workers)
+    gateway = GatewayProcess(
+        config(geo_dbs, fake_hub.url), tmp_path, workers=workers, drain_s=drain_s
+    )
     try:
         wait_until(
             lambda: gateway.log.read_text().count("serving on") == workers, 30, "every worker"
@@ -67,7 +68,7 @@ def test_readyz_turns_503_while_the_listener_still_serves(
 def test_a_second_sigterm_ends_the_drain(
     geo_dbs: GeoDBs, fake_hub: FakeHub, tmp_path: Path
 ) -> None:
-    gateway = GatewayProcess(config(geo_dbs, fake_hub.url, 60.0), tmp_path)
+    gateway = GatewayProcess(config(geo_dbs, fake_hub.url), tmp_path, drain_s=60.0)
     try:
         gateway.signal(signal.SIGTERM)
         wait_until(lambda: gateway.get("/readyz")[0] == 503, 5, "/readyz to say 503")
@@ -80,7 +81,7 @@ def test_a_second_sigterm_ends_the_drain(
 def test_no_drain_window_when_drain_s_is_0(
     geo_dbs: GeoDBs, fake_hub: FakeHub, tmp_path: Path
 ) -> None:
-    gateway = GatewayProcess(config(geo_dbs, fake_hub.url, 0.0), tmp_path)
+    gateway = GatewayProcess(config(geo_dbs, fake_hub.url), tmp_path, drain_s=0.0)
     try:
         gateway.signal(signal.SIGTERM)
         assert gateway.process.wait(10) == 0
