@@ -14,6 +14,7 @@ from processes import GatewayProcess
 from gateway.ratelimit import FailureLimiter, client_key
 
 TOKEN = "ratelimit-test-admin-token"
+EXPLAIN = "/explain/acme/tiny-model/resolve/main/config.json"
 
 
 class Clock:
@@ -84,8 +85,10 @@ def test_wrong_admin_tokens_get_429_with_retry_after(geo_dbs: GeoDBs, tmp_path: 
         assert 1 <= int(headers["retry-after"]) <= 3
         assert headers["x-request-id"]
         assert TOKEN not in body.decode() and "not-the-admin-token" not in body.decode()
-        # Refused whatever it sends, the right token included, until its window ends ...
+        # Refused whatever it sends, the right token included, until its window ends, on
+        # every check of the admin token ...
         assert gateway.get("/admin/nodes", right)[0] == 429
+        assert gateway.get(f"{EXPLAIN}?ip=192.0.2.1", right)[0] == 429
         # ... while other clients are not held up by it.
         assert gateway.get("/admin/nodes", other_client)[0] == 200
         time.sleep(max(0.0, started + 3.2 - time.monotonic()))

@@ -2,7 +2,8 @@
 
 Off unless ``admin.token`` (or MIRROR_GATEWAY_ADMIN_TOKEN) is set; then every call needs
 ``Authorization: Bearer <token>``, and a client that sent ``admin.max_failures`` wrong tokens
-within ``admin.failure_window_s`` gets 429 until that window ends (``gateway.ratelimit``).
+within ``admin.failure_window_s`` gets 429 until that window ends (``gateway.ratelimit``), here
+and on explain's overrides.
 Changes go through the state store, so with Redis every instance sees them within its pub/sub
 latency. The token is never logged or echoed.
 """
@@ -65,28 +66,51 @@ def node_report(runtime: Runtime, node_id: str) -> dict[str, Any]:
     }
 
 
-def add_admin_routes(app: web.Application, config: AdminConfig) -> None:
-    token = config.token
-    limiter = FailureLimiter(config.max_failures, config.failure_window_s)
+#: Wrong admin tokens per client, for every check of the token (admin API, explain overrides).
+ADMIN_FAILURES = web.AppKey("admin_failures", FailureLimiter)
 
+
+def admin_failures(config: AdminConfig) -> FailureLimiter:
+    return FailureLimiter(config.max_failures, config.failure_window_s)
+
+
+def _client_key(request: web.Request) -> str:
+    router = request.app[RUNTIME].router
+    client = router.resolver.resolve(
+        request.remote, forwarding_headers(request.headers, router.config.client_ip)
+    )
+    return client_key(client.ip)
+
+
+def too_many_failures(request: web.Request) -> web.Response | None:
+    """The 429 for a client that sent too many wrong admin tokens lately, else None."""
+    retry_after = request.app[ADMIN_FAILURES].retry_after(_client_key(request))
+    if retry_after is None:
+        return None
+    return json_error(
+        429,
+        "too_many_failures",
+        f"too many wrong admin tokens from this client; retry in {retry_after} s",
+        {"Retry-After": str(retry_after)},
+    )
+
+
+def authorized_or_counted(request: web.Request, token: str) -> bool:
+    """Whether the request carries the admin token; a wrong one counts against its client."""
+    if authorized(request, token):
+        return True
+    if "Authorization" in request.headers:
+        request.app[ADMIN_FAILURES].failed(_client_key(request))
+    return False
+
+
+def add_admin_routes(app: web.Application, token: str | None) -> None:
     async def guard(request: web.Request) -> web.Response | None:
         if token is None:
             return json_error(404, "admin_disabled", "the admin API is off (admin.token unset)")
-        router = request.app[RUNTIME].router
-        client = router.resolver.resolve(
-            request.remote, forwarding_headers(request.headers, router.config.client_ip)
-        )
-        key = client_key(client.ip)
-        retry_after = limiter.retry_after(key)
-        if retry_after is not None:
-            return json_error(
-                429,
-                "too_many_failures",
-                f"too many wrong admin tokens from this client; retry in {retry_after} s",
-                {"Retry-After": str(retry_after)},
-            )
-        if not authorized(request, token):
-            limiter.failed(key)
+        if (limited := too_many_failures(request)) is not None:
+            return limited
+        if not authorized_or_counted(request, token):
             return json_error(
                 401,
                 "unauthorized",
