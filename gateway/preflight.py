@@ -8,6 +8,7 @@ runs these checks before it starts any worker, ``serve`` runs them with one work
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from gateway.config import GatewayConfig
@@ -30,8 +31,9 @@ def check_resources(config: GatewayConfig) -> tuple[str, ...]:
     return locator.warnings
 
 
-def check_listen(key: str, host: str, port: int) -> None:
-    """Bind ``host:port`` once, as the listener will, and let it go.
+def check_listen(section: str, host: str, port: int) -> None:
+    """Bind ``host:port`` once, as the listener will, and let it go (``section``: the config
+    section of the listener, ``server`` or ``metrics``).
 
     Without ``SO_REUSEPORT``: the workers share their port with each other, never with a
     process already listening there.
@@ -39,26 +41,32 @@ def check_listen(key: str, host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise PreflightError(f"{key}: cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise listen_error(section, host, port, exc) from None
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as sock:
-            # As asyncio's listener does: a port in TIME_WAIT is free.
+            # As asyncio's listener does: a port in TIME_WAIT is free, and an IPv6 address
+            # does not claim the IPv4 one beside it.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(address)
             except OSError as exc:
-                raise listen_error(key, host, port, exc) from None
+                raise listen_error(section, host, port, exc) from None
 
 
-def listen_error(key: str, host: str, port: int, exc: OSError) -> PreflightError:
-    """The one-line error for a listener that cannot bind (port taken, address not ours)."""
+def listen_error(section: str, host: str, port: int, exc: OSError) -> PreflightError:
+    """The one-line error for a listener that cannot bind, naming the key to change: the port
+    when it is taken or privileged, else the host (not an address of this machine, no such
+    name)."""
+    key = "port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "host"
     reason = (exc.strerror or type(exc).__name__).lower()
-    return PreflightError(f"{key}: cannot listen on {host}:{port}: {reason}")
+    return PreflightError(f"{section}.{key}: cannot listen on {host}:{port}: {reason}")
 
 
 def check_listeners(config: GatewayConfig, host: str, port: int) -> None:
     """Bind-test the serving port and, when it has its own, the metrics port."""
-    check_listen("server.port", host, port)
+    check_listen("server", host, port)
     metrics = config.metrics
     if metrics.enabled and metrics.port is not None:
-        check_listen("metrics.port", metrics.host, metrics.port)
+        check_listen("metrics", metrics.host, metrics.port)

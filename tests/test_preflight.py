@@ -76,6 +76,14 @@ def test_serve_refuses_a_taken_port(
     assert_one_line_refusal(result, "server.port", f"127.0.0.1:{taken_port}", "in use")
 
 
+def test_serve_refuses_an_address_that_is_not_ours(geo_dbs: GeoDBs, tmp_path: Path) -> None:
+    result = run_gateway(
+        "serve", "--config", write(tmp_path, config(geo_dbs)), "--host", "192.0.2.1",
+        "--port", str(free_port()), "--workers", "2", timeout=30,
+    )  # fmt: skip
+    assert_one_line_refusal(result, "server.host", "192.0.2.1", "cannot assign")
+
+
 def test_serve_refuses_a_taken_metrics_port(
     geo_dbs: GeoDBs, tmp_path: Path, taken_port: int
 ) -> None:

@@ -175,7 +175,7 @@ async def serve(
         await site.start()
     except OSError as exc:  # taken since the preflight check, or a worker's reused port
         await runner.cleanup()
-        raise listen_error("server.port", host, port, exc) from None
+        raise listen_error("server", host, port, exc) from None
     log.info("serving on %s:%d with %d nodes", host, port, len(config.nodes))
     metrics_runner = await _serve_metrics_apart(app, config, shared_port)
     loop = asyncio.get_running_loop()
