@@ -188,11 +188,13 @@ def _serve(args: argparse.Namespace) -> int:
     port = config.server.port if args.port is None else args.port
     if not args.as_worker:
         # The supervisor's workers share the port: only the first process may test it.
-        check_resources(config)
         check_listeners(config, host, port)
     listener = configure_logging(args.log_level, config.logging.format)
     try:
         if args.workers > 1 and not args.as_worker:
+            # What every worker opens, opened once here: a worker that cannot start must not
+            # be started again and again.
+            check_resources(config)
             if not config.redis.url:
                 log.warning(
                     "%d workers without redis.url: each worker keeps its own node state, "
