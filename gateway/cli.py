@@ -30,6 +30,7 @@ from gateway.geo.clientip import ClientAddress, parse_ip
 from gateway.geo.locator import GeoDataError
 from gateway.hf.paths import PathError, parse_resolve_path
 from gateway.logs import configure_logging
+from gateway.preflight import PreflightError, check_listeners, check_resources
 from gateway.web.admin import ACTIONS
 from gateway.web.server import build_router, serve
 from gateway.workers import WORKER_FLAG, Supervisor
@@ -94,6 +95,8 @@ def _load(config_flag: str | None) -> GatewayConfig:
 def _check_config(args: argparse.Namespace) -> int:
     path = resolve_config_path(args.config)
     config = load_config(path)
+    for warning in check_resources(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path or 'embedded defaults'}: OK ({len(config.nodes)} nodes)")
     return 0
 
@@ -183,9 +186,15 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
+    if not args.as_worker:
+        # The supervisor's workers share the port: only the first process may test it.
+        check_listeners(config, host, port)
     listener = configure_logging(args.log_level, config.logging.format)
     try:
         if args.workers > 1 and not args.as_worker:
+            # What every worker opens, opened once here: a worker that cannot start must not
+            # be started again and again.
+            check_resources(config)
             if not config.redis.url:
                 log.warning(
                     "%d workers without redis.url: each worker keeps its own node state, "
@@ -197,7 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "--workers", "1",
                 *(["--config", path] if (path := resolve_config_path(args.config)) else []),
             ]  # fmt: skip
-            return Supervisor(worker_argv, args.workers).run()
+            return Supervisor(worker_argv, args.workers, drain_s=config.server.drain_s).run()
         router, warnings = build_router(config)
         for warning in warnings:
             log.warning("%s", warning)
@@ -231,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     except GeoDataError as exc:
         print(f"GeoIP error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except PreflightError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
 

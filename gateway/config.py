@@ -39,6 +39,10 @@ TIER_ORDER: tuple[TierName, ...] = get_args(TierName)
 DEFAULT_URL_TEMPLATE = "{base}/{type_prefix}{repo}/resolve/{revision}/{path}"
 URL_TEMPLATE_FIELDS = frozenset({"base", "type_prefix", "repo_type", "repo", "revision", "path"})
 
+#: Longest drain window (``server.drain_s``); the worker supervisor waits this on top of the
+#: graceful stop before it kills a worker.
+MAX_DRAIN_S = 300.0
+
 LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
@@ -63,6 +67,9 @@ class ServerConfig:
     #: Answer plain redirects straight from the connection (``fastlane``); off, every request
     #: goes through aiohttp's handlers. The answers are the same.
     fast_path: bool = True
+    #: After SIGTERM, /readyz answers 503 this long while everything else is served as usual,
+    #: so load balancers take the instance out before its listener closes. 0: stop at once.
+    drain_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,9 @@ class UpstreamConfig:
     api_timeout_s: float = 10.0
     #: Largest request body passed through to the upstream API (paths-info forms and the like).
     max_request_bytes: int = 1_048_576
+    #: A relayed answer (API call, private file) must be complete within this long; a
+    #: trickling upstream is cut, so it cannot hold a connection for ever.
+    relay_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +227,9 @@ class StateConfig:
 class AdminConfig:
     #: Bearer token for the admin HTTP API; unset keeps the API off.
     token: str | None = None
+    #: Wrong admin tokens one client may present per window before it gets 429s.
+    max_failures: int = 10
+    failure_window_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +502,7 @@ def _server(s: _Section) -> ServerConfig:
         max_header_bytes=s.get("max_header_bytes", d.max_header_bytes, _int(1024, 65536)),
         public_url=s.get("public_url", None, _http_url),
         fast_path=s.get("fast_path", d.fast_path, _bool),
+        drain_s=s.get("drain_s", d.drain_s, _float(0.0, MAX_DRAIN_S)),
     )
 
 
@@ -613,6 +627,7 @@ def _upstream(s: _Section) -> UpstreamConfig:
         url=s.get("url", d.url, _http_url),
         api_timeout_s=s.get("api_timeout_s", d.api_timeout_s, _float(0.1, 600.0)),
         max_request_bytes=s.get("max_request_bytes", d.max_request_bytes, _int(1024, 2**30)),
+        relay_timeout_s=s.get("relay_timeout_s", d.relay_timeout_s, _float(1.0, 86400.0)),
     )
 
 
@@ -660,7 +675,12 @@ def _admin(s: _Section) -> AdminConfig:
             f"{s.key('token')}: too short ({len(token)} characters); use at least 16 "
             f"(or set {ADMIN_TOKEN_ENV_VAR})"
         )
-    return AdminConfig(token=token)
+    d = AdminConfig()
+    return AdminConfig(
+        token=token,
+        max_failures=s.get("max_failures", d.max_failures, _int(1, 100_000)),
+        failure_window_s=s.get("failure_window_s", d.failure_window_s, _float(1.0, 86400.0)),
+    )
 
 
 _NODE_KEYS = (
@@ -771,11 +791,68 @@ def load_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{os.fspath(path)}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save the file as UTF-8"
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{os.fspath(path)}: not valid YAML: {exc}") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{exc.key}: duplicate key ({os.fspath(path)} line {exc.line}); "
+            "each key may appear once per section"
+        ) from None
     return config_from_mapping(data)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int) -> None:
+        super().__init__(key)
+        self.key = key
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping.
+
+    Plain YAML keeps the last of the two silently, so an operator's edit further up the file
+    would do nothing. Merge keys (``<<``) may still override what they bring in.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths = _mapping_paths(node, "")
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                where = self._paths.get(id(node), "")
+                raise _DuplicateKey(
+                    f"{where}.{key}" if where else str(key), key_node.start_mark.line + 1
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _mapping_paths(node: yaml.Node, path: str) -> dict[int, str]:
+    """The dotted key path (as in error messages) of every mapping below ``node``."""
+    paths: dict[int, str] = {}
+    if isinstance(node, yaml.MappingNode):
+        paths[id(node)] = path
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            paths.update(_mapping_paths(value_node, f"{path}.{key}" if path else str(key)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            paths.update(_mapping_paths(item, f"{path}[{i}]"))
+    return paths
 
 
 def resolve_config_path(flag_value: str | None) -> str | None:

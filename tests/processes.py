@@ -23,8 +23,18 @@ def free_port() -> int:
 
 def http(port: int, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
     """Send raw request bytes; return status, lower-cased headers and body."""
+    return http_in_pieces(port, [request], 0.0, timeout)
+
+
+def http_in_pieces(
+    port: int, pieces: list[bytes], pause_s: float, timeout: float = 10
+) -> tuple[int, dict[str, str], bytes]:
+    """As ``http``, the request sent in ``pieces`` with a pause after each but the last."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
+        for i, piece in enumerate(pieces):
+            sock.sendall(piece)
+            if i < len(pieces) - 1:
+                time.sleep(pause_s)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
@@ -60,9 +70,12 @@ class GatewayProcess:
         *,
         env: dict[str, str] | None = None,
         workers: int = 1,
+        drain_s: float = 0.0,
     ) -> None:
         self.port = free_port()
         if isinstance(config, dict):
+            # Tests stop gateways all the time: no drain window unless a test asks for one.
+            config = {**config, "server": {**(config.get("server") or {}), "drain_s": drain_s}}
             path = tmp_path / f"gateway-{self.port}.yaml"
             path.write_text(yaml.safe_dump(config))
             config = path
@@ -110,6 +123,13 @@ class GatewayProcess:
             wait_until(lambda: text in self.log.read_text(), timeout, f"log line {text!r}")
         except AssertionError:
             raise AssertionError(f"{text!r} not logged:\n{self.log.read_text()}") from None
+
+
+def worker_pids(gateway: GatewayProcess) -> set[int]:
+    """The worker processes of a multi-worker gateway (its supervisor's children)."""
+    pid = gateway.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(child) for child in children}
 
 
 def _base_env() -> dict[str, str]:

@@ -155,6 +155,19 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
         ["nodes[0].url_template", "not a valid template"],
     ),
     ("enabled-type", {"nodes": [node(enabled="yes")]}, ["nodes[0].enabled", "true or false"]),
+    ("drain-range", {"server": {"drain_s": -1}}, ["server.drain_s", "0.0..300.0"]),
+    ("drain-type", {"server": {"drain_s": "5s"}}, ["server.drain_s", "a number"]),
+    (
+        "relay-timeout",
+        {"upstream": {"relay_timeout_s": 0}},
+        ["upstream.relay_timeout_s", "1.0..86400.0"],
+    ),
+    ("admin-failures", {"admin": {"max_failures": 0}}, ["admin.max_failures", "1..100000"]),
+    (
+        "admin-window",
+        {"admin": {"failure_window_s": 0.5}},
+        ["admin.failure_window_s", "1.0..86400.0"],
+    ),
 ]
 
 

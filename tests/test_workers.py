@@ -12,7 +12,7 @@ from typing import Any
 
 from fake_hub import FakeHub
 from geoworld import BEIJING_IP, GeoDBs
-from processes import GatewayProcess, wait_until
+from processes import GatewayProcess, wait_until, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 RESOLVE = "/acme/tiny-model/resolve/main/config.json"
@@ -29,12 +29,6 @@ def config(geo: GeoDBs, upstream: str, redis_url: str) -> dict[str, Any]:
              "serves": {"countries": ["CN"]}},
         ],
     }  # fmt: skip
-
-
-def worker_pids(gateway: GatewayProcess) -> set[int]:
-    pid = gateway.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {int(child) for child in children}
 
 
 def access_pids(log: Path) -> set[int]:

@@ -6,14 +6,20 @@ the client's ``Authorization`` (upstream is the only place a token may go). On t
 every Xet signal is removed: ``X-Xet-*`` headers, ``rel="xet-auth"`` links and ``xetHash`` in
 tree entries, because any of them makes the clients bypass every mirror. Pagination links point
 back at the gateway, since clients follow them verbatim.
+
+Request bodies are passed on as they arrive, up to ``upstream.max_request_bytes`` (413 past
+it). Upstream unreachable is a 503, upstream silent for ``upstream.api_timeout_s`` a 504, as for
+the resolve route; the whole relay, body included, must be over within
+``upstream.relay_timeout_s``, so a trickling upstream cannot hold a connection for ever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -54,12 +60,47 @@ _STREAM_CHUNK = 256 * 1024
 
 
 class UpstreamError(Exception):
-    """Upstream could not be reached or did not answer in time."""
+    """No answer to relay: the request was refused (413), upstream could not be reached
+    (503), did not answer in time (504) or answered what cannot be rewritten (502).
 
-    def __init__(self, status: int, message: str) -> None:
+    ``code`` is the ``error`` of the JSON answer.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
         self.message = message
+
+
+class _RequestBody:
+    """The client's request body, passed on chunk by chunk as it arrives, cut past ``limit``.
+
+    aiohttp's client reads ``chunks()`` while it sends the request; when it stops early,
+    ``too_large`` says whether the limit stopped it.
+    """
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        self._request = request
+        self._limit = limit
+        self.too_large = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in self._request.content.iter_any():
+            received += len(chunk)
+            if received > self._limit:
+                self.too_large = True
+                raise _too_large(self._limit)
+            yield chunk
+
+
+def _too_large(limit: int) -> UpstreamError:
+    return UpstreamError(
+        413, "body_too_large", f"request body over {limit} bytes (upstream.max_request_bytes)"
+    )
 
 
 def strip_xet_entries(payload: Any) -> Any:
@@ -154,21 +195,33 @@ class UpstreamProxy:
         }
         agent = headers.get("User-Agent")
         headers["User-Agent"] = f"{agent}; {USER_AGENT_SUFFIX}" if agent else USER_AGENT_SUFFIX
-        body = await self._read_body(request)
+        body: _RequestBody | None = None
+        if request.can_read_body:
+            body = _RequestBody(request, self._config.max_request_bytes)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        deadline = asyncio.get_running_loop().time() + self._config.relay_timeout_s
         try:
-            upstream = await self._session.request(
-                request.method,
-                self._config.url + target,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-            )
+            async with asyncio.timeout_at(deadline):
+                upstream = await self._session.request(
+                    request.method,
+                    self._config.url + target,
+                    headers=headers,
+                    data=body.chunks() if body is not None else None,
+                    allow_redirects=False,
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(502, f"upstream unreachable: {type(exc).__name__}") from None
+            if body is not None and body.too_large:
+                raise _too_large(self._config.max_request_bytes) from None
+            raise self._unavailable(exc) from None
         async with upstream:
             out_headers = response_headers(upstream.headers, self._origin, public_origin)
             if rewrite == "entries" and upstream.status == 200:
-                return await self._cleaned_json(upstream, out_headers)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        return await self._cleaned_json(upstream, out_headers)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise self._unavailable(exc) from None
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.update(out_headers)
             if streamed_headers:
@@ -177,40 +230,59 @@ class UpstreamProxy:
                 response.content_length = upstream.content_length
             await response.prepare(request)
             if request.method != "HEAD":
-                try:
-                    async for chunk in upstream.content.iter_chunked(_STREAM_CHUNK):
-                        await response.write(chunk)
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    # Headers are sent; all we can do is cut the connection so the client
-                    # sees a short body and retries, rather than keep a truncated file.
-                    log.warning(
-                        "upstream body broke off for %s: %s", target.split("?", maxsplit=1)[0], exc
-                    )
-                    raise ConnectionResetError("upstream body broke off") from None
+                await self._stream_body(upstream, response, target, deadline)
             await response.write_eof()
             return response
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
-        if not request.can_read_body:
-            return None
-        limit = self._config.max_request_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise UpstreamError(413, f"request body over {limit} bytes")
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            raise UpstreamError(413, f"request body over {limit} bytes")
-        return body
+    def _unavailable(self, exc: BaseException) -> UpstreamError:
+        """503 for upstream out of reach, 504 for upstream too slow: as the resolve route."""
+        if isinstance(exc, TimeoutError):
+            return UpstreamError(
+                504,
+                "upstream_timeout",
+                f"upstream did not answer in time ({type(exc).__name__}; upstream.api_timeout_s "
+                f"is {self._config.api_timeout_s:g} s, upstream.relay_timeout_s "
+                f"{self._config.relay_timeout_s:g} s)",
+            )
+        return UpstreamError(
+            503, "upstream_unavailable", f"upstream unreachable: {type(exc).__name__}"
+        )
+
+    async def _stream_body(
+        self,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        target: str,
+        deadline: float,
+    ) -> None:
+        path = target.split("?", maxsplit=1)[0]
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for chunk in upstream.content.iter_chunked(_STREAM_CHUNK):
+                    await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are sent; all we can do is cut the connection so the client sees a
+            # short body and retries, rather than keep a truncated file.
+            if asyncio.get_running_loop().time() >= deadline:
+                log.warning(
+                    "relay of %s cut: not complete within upstream.relay_timeout_s (%g s)",
+                    path,
+                    self._config.relay_timeout_s,
+                )
+            else:
+                log.warning("upstream body broke off for %s: %r", path, exc)
+            raise ConnectionResetError("upstream body broke off") from None
 
     async def _cleaned_json(
         self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
     ) -> web.Response:
         raw = await upstream.content.read(_MAX_JSON_BYTES + 1)
         if len(raw) > _MAX_JSON_BYTES:
-            raise UpstreamError(502, "upstream answer too large to rewrite")
+            raise UpstreamError(502, "upstream_error", "upstream answer too large to rewrite")
         try:
             payload = json.loads(raw)
         except ValueError:
-            raise UpstreamError(502, "upstream answered malformed JSON") from None
+            raise UpstreamError(502, "upstream_error", "upstream answered malformed JSON") from None
         headers.popall("Content-Type", None)
         return web.Response(
             status=upstream.status,

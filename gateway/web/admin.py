@@ -1,8 +1,11 @@
 """Admin HTTP API: list nodes with live state; drain, disable or enable a node.
 
 Off unless ``admin.token`` (or MIRROR_GATEWAY_ADMIN_TOKEN) is set; then every call needs
-``Authorization: Bearer <token>``. Changes go through the state store, so with Redis every
-instance sees them within its pub/sub latency. The token is never logged or echoed.
+``Authorization: Bearer <token>``, and a client that sent ``admin.max_failures`` wrong tokens
+within ``admin.failure_window_s`` gets 429 until that window ends (``gateway.ratelimit``), here
+and on explain's overrides.
+Changes go through the state store, so with Redis every instance sees them within its pub/sub
+latency. The token is never logged or echoed.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.config import AdminConfig
+from gateway.ratelimit import FailureLimiter, client_key
 from gateway.runtime import RUNTIME, Runtime
 from gateway.state.live import AdminMode, AdminRecord
 from gateway.state.store import StoreUnavailable
 from gateway.web.answers import json_error
+from gateway.web.handlers import forwarding_headers
 
 #: URL verb -> the admin mode it sets.
 ACTIONS: dict[str, AdminMode] = {"drain": "draining", "disable": "disabled", "enable": "active"}
@@ -60,11 +66,51 @@ def node_report(runtime: Runtime, node_id: str) -> dict[str, Any]:
     }
 
 
+#: Wrong admin tokens per client, for every check of the token (admin API, explain overrides).
+ADMIN_FAILURES = web.AppKey("admin_failures", FailureLimiter)
+
+
+def admin_failures(config: AdminConfig) -> FailureLimiter:
+    return FailureLimiter(config.max_failures, config.failure_window_s)
+
+
+def _client_key(request: web.Request) -> str:
+    router = request.app[RUNTIME].router
+    client = router.resolver.resolve(
+        request.remote, forwarding_headers(request.headers, router.config.client_ip)
+    )
+    return client_key(client.ip)
+
+
+def too_many_failures(request: web.Request) -> web.Response | None:
+    """The 429 for a client that sent too many wrong admin tokens lately, else None."""
+    retry_after = request.app[ADMIN_FAILURES].retry_after(_client_key(request))
+    if retry_after is None:
+        return None
+    return json_error(
+        429,
+        "too_many_failures",
+        f"too many wrong admin tokens from this client; retry in {retry_after} s",
+        {"Retry-After": str(retry_after)},
+    )
+
+
+def authorized_or_counted(request: web.Request, token: str) -> bool:
+    """Whether the request carries the admin token; a wrong one counts against its client."""
+    if authorized(request, token):
+        return True
+    if "Authorization" in request.headers:
+        request.app[ADMIN_FAILURES].failed(_client_key(request))
+    return False
+
+
 def add_admin_routes(app: web.Application, token: str | None) -> None:
     async def guard(request: web.Request) -> web.Response | None:
         if token is None:
             return json_error(404, "admin_disabled", "the admin API is off (admin.token unset)")
-        if not authorized(request, token):
+        if (limited := too_many_failures(request)) is not None:
+            return limited
+        if not authorized_or_counted(request, token):
             return json_error(
                 401,
                 "unauthorized",

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.runtime import RUNTIME, Runtime
-from gateway.web.admin import add_admin_routes
+from gateway.web.admin import ADMIN_FAILURES, add_admin_routes, admin_failures
 from gateway.web.handlers import (
     healthz,
     metrics_endpoint,
@@ -55,6 +55,7 @@ def create_app(runtime: Runtime) -> web.Application:
         app.router.add_route("*", "/metrics", read_only(metrics_endpoint))
     app.router.add_route("*", "/healthz", read_only(healthz))
     app.router.add_route("*", "/readyz", read_only(readyz))
+    app[ADMIN_FAILURES] = admin_failures(runtime.router.config.admin)
     add_admin_routes(app, runtime.router.config.admin.token)
     add_view_routes(app)
     # [\s\S] rather than '.': a decoded %0A must still reach our handler and get a JSON 400.

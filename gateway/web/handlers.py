@@ -127,8 +127,14 @@ async def _to_upstream(
             streamed_headers={"X-Request-ID": request[REQUEST_ID]},
         )
     except UpstreamError as exc:
+        if exc.status == 413:
+            refused = json_error(exc.status, exc.code, exc.message)
+            # No further request on this connection: the rest of the refused body is in the way.
+            refused.force_close()
+            return refused
         runtime.metrics.upstream_call(kind, time.perf_counter() - started, None)
-        return json_error(exc.status, "upstream_error", exc.message, {"Retry-After": "5"})
+        retry = {"Retry-After": str(runtime.router.config.catalog.retry_after_s)}
+        return json_error(exc.status, exc.code, exc.message, retry if exc.status >= 503 else None)
     runtime.metrics.upstream_call(kind, time.perf_counter() - started, response.status)
     return response
 

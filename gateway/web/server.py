@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.geo.locator import GeoDataError, MaxMindLocator
 from gateway.hf.catalog import Catalog
 from gateway.hf.upstream import UpstreamProxy
+from gateway.preflight import listen_error
 from gateway.routing.router import Router
 from gateway.runtime import RUNTIME, Runtime
 from gateway.state.live import LiveState, RedirectCounter
@@ -130,6 +132,17 @@ async def _serve_metrics_apart(
     return runner
 
 
+async def _drain(runtime: Runtime, drain_s: float, hurry: asyncio.Event) -> None:
+    """Answer /readyz with 503 for ``drain_s`` while serving everything else, so load
+    balancers stop sending new connections before the listener closes."""
+    runtime.stopping = True
+    if drain_s <= 0 or hurry.is_set():
+        return
+    log.info("draining for %g s: /readyz answers 503, everything else is served", drain_s)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hurry.wait(), drain_s)
+
+
 async def serve(
     router: Router,
     load_config: Callable[[], GatewayConfig],
@@ -141,8 +154,9 @@ async def serve(
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the config.
 
     ``shared_port``: one of several workers on the port (SO_REUSEPORT, shared-file metrics).
-    On SIGTERM /readyz turns 503 at once, the listener closes and requests in flight finish
-    (up to ``SHUTDOWN_GRACE_S``).
+    On SIGTERM /readyz turns 503 at once and everything else is served as usual for
+    ``server.drain_s`` (a second SIGTERM, or SIGINT, skips that); then the listener closes and
+    requests in flight finish (up to ``SHUTDOWN_GRACE_S``).
     """
     config = router.config
     metrics_dir = os.environ.get(MULTIPROC_ENV_VAR) if shared_port else None
@@ -157,16 +171,32 @@ async def serve(
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=shared_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # taken since the preflight check, or a worker's reused port
+        await runner.cleanup()
+        raise listen_error("server", host, port, exc) from None
     log.info("serving on %s:%d with %d nodes", host, port, len(config.nodes))
     metrics_runner = await _serve_metrics_apart(app, config, shared_port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    hurry = asyncio.Event()
+
+    def on_sigterm() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    def on_sigint() -> None:
+        hurry.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGHUP, _reload, app, load_config)
     try:
         await stop.wait()
+        await _drain(app[RUNTIME], config.server.drain_s, hurry)
     finally:
         log.info("shutting down")
         app[RUNTIME].stopping = True

@@ -15,7 +15,7 @@ from gateway.geo.clientip import ClientAddress, parse_ip
 from gateway.hf.catalog import CatalogError
 from gateway.routing.router import PRIVATE_CACHE_CONTROL, Router
 from gateway.runtime import RUNTIME
-from gateway.web.admin import authorized
+from gateway.web.admin import authorized_or_counted, too_many_failures
 from gateway.web.answers import catalog_error, json_error
 from gateway.web.handlers import forwarding_headers, parsed_or_error, read_only
 from gateway.web.metalink import preferred_type
@@ -34,9 +34,9 @@ _HTML_HEADERS = {
 class _Refused(Exception):
     """A request explain will not answer; carries the JSON error to send."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.response = json_error(status, code, message)
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.text)
+        self.response = response
 
 
 def _wants_html(request: web.Request) -> bool:
@@ -45,7 +45,9 @@ def _wants_html(request: web.Request) -> bool:
         return preferred_type(request.headers.get("Accept"), _FORMATS) == "text/html"
     if chosen not in ("json", "html"):
         raise _Refused(
-            400, "bad_format", f"format {chosen[:20]!r} is not allowed; allowed: json, html"
+            json_error(
+                400, "bad_format", f"format {chosen[:20]!r} is not allowed; allowed: json, html"
+            )
         )
     return chosen == "html"
 
@@ -61,19 +63,31 @@ def _client(request: web.Request, router: Router) -> tuple[ClientAddress, bool]:
     token = router.config.admin.token
     if token is None:
         raise _Refused(
-            403,
-            "override_refused",
-            "?ip and ?country need the admin API, which is off (admin.token unset)",
+            json_error(
+                403,
+                "override_refused",
+                "?ip and ?country need the admin API, which is off (admin.token unset)",
+            )
         )
-    if not authorized(request, token):
+    if (limited := too_many_failures(request)) is not None:
+        raise _Refused(limited)
+    if not authorized_or_counted(request, token):
         raise _Refused(
-            403, "admin_token_required", "?ip and ?country need Authorization: Bearer <admin token>"
+            json_error(
+                403,
+                "admin_token_required",
+                "?ip and ?country need Authorization: Bearer <admin token>",
+            )
         )
     ip = client.ip if ip_text is None else parse_ip(ip_text)
     if ip is None:
-        raise _Refused(400, "bad_ip", f"ip {(ip_text or '')[:60]!r} is not an IP address")
+        raise _Refused(
+            json_error(400, "bad_ip", f"ip {(ip_text or '')[:60]!r} is not an IP address")
+        )
     if country is not None and not (len(country) == 2 and country.isascii() and country.isalpha()):
-        raise _Refused(400, "bad_country", f"country {country[:20]!r} is not a 2-letter ISO code")
+        raise _Refused(
+            json_error(400, "bad_country", f"country {country[:20]!r} is not a 2-letter ISO code")
+        )
     return ClientAddress(ip, "peer", country.upper() if country else None), True
 
 
