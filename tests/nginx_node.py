@@ -29,9 +29,8 @@ _ROOT = "    root /srv/mirror-node;\n"
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
-    )
+    # Debian puts it in /usr/sbin, which a non-root PATH often lacks.
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     if found is None:
         raise RuntimeError("nginx is not installed: run scripts/test once (it installs nginx)")
     return found
