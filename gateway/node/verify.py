@@ -99,8 +99,10 @@ class Verifier:
             report.checked += 1
             if problem is not None:
                 bad.append((entries[i], problem))
+        handled: set[int] = set()
         for entry, problem in bad:
-            self._quarantine(entry, problem, entries, report)
+            if id(entry) not in handled:
+                handled.update(map(id, self._quarantine(entry, problem, entries, report)))
         for record in records:
             tree.write_record(record)
         write_json_atomic(state_path, {"cursor": next_cursor})
@@ -109,7 +111,8 @@ class Verifier:
 
     def _quarantine(
         self, entry: Entry, problem: str, entries: list[Entry], report: VerifyReport
-    ) -> None:
+    ) -> list[Entry]:
+        """Quarantine ``entry`` and its hard links; returns every entry it dealt with."""
         path = self._path(entry)
         inode = _inode(path)
         # Hard links share the bad bytes: every commit holding this inode is damaged too.
@@ -140,6 +143,7 @@ class Verifier:
             destination.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, destination)
             report.quarantined.append(destination)
+        return same
 
     @staticmethod
     def _read_cursor(path: Path) -> int:
