@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from fake_hub import VALID_TOKEN, FakeHub, sha256_hex
+from processes import REPO, wait_until
 
 from gateway.cli import main
+from gateway.node.fetch import RateLimiter
 from gateway.node.settings import NodeSettings, RepoSpec
 from gateway.node.store import NodeTree
 from gateway.node.sync import Syncer, SyncReport
@@ -271,3 +275,55 @@ def test_command_errors_exit_with_their_codes(tmp_path: Path) -> None:
     bad.write_text("root: /x\nrepos: [{id: a/b, revisons: [main]}]\n")
     assert main(["node", "sync", "--config", str(bad), "--once"]) == 2
     assert main(["node", "sync", "--root", str(tmp_path), "--every", "soon", "a/b"]) == 3
+
+
+def test_a_killed_sync_resumes_without_downloading_verified_files_again(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    root = tmp_path / "node"
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        f"node_id: n1\nroot: {root}\nupstream: {hub.url}\nconcurrency: 1\n"
+        "repos: [{id: acme/tiny-model}]\n"
+    )
+    command = [sys.executable, "-m", "gateway", "node", "sync", "--config", str(config), "--once"]
+    staging = NodeTree(root).staging_dir(
+        "model", "acme/tiny-model", hub.repo("acme/tiny-model").refs["main"]
+    )
+
+    def staged() -> set[str]:
+        if not staging.is_dir():
+            return set()
+        return {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()}
+
+    hub.delay_s = 0.3  # every request: time to stop the run between two files
+    with subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL) as run:
+        try:
+            wait_until(lambda: len(staged()) >= 2, 60, "two files staged")
+        finally:
+            run.kill()
+    before = staged()
+    assert 2 <= len(before) < 5
+    assert not (root / "acme/tiny-model/resolve").exists()  # nothing half published
+
+    hub.delay_s = 0.0
+    hub.clear_seen()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(file_gets(hub, name) == [] for name in before)
+    main = hub.repo("acme/tiny-model").refs["main"]
+    assert on_disk(root, "", "acme/tiny-model", main) == expected(hub, "acme/tiny-model")
+    assert '"sync done' in done.stderr and f"{5 - len(before)} files downloaded" in done.stderr
+
+
+async def test_bandwidth_limit_holds_downloads_to_the_rate() -> None:
+    limiter = RateLimiter(1_000_000)
+    started = time.monotonic()
+    await limiter.take(1_000_000)  # a second's worth is allowed at once
+    assert time.monotonic() - started < 0.4
+    await limiter.take(500_000)
+    assert time.monotonic() - started >= 0.45
+    unlimited = RateLimiter(None)
+    started = time.monotonic()
+    await unlimited.take(10**12)
+    assert time.monotonic() - started < 0.4
