@@ -765,8 +765,11 @@ def config_from_mapping(data: object) -> GatewayConfig:
 
 def load_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
     """Load a YAML file; ``None`` means the embedded defaults (no nodes, everything upstream)."""
-    if path is None:
-        return config_from_mapping(None)
+    return config_from_mapping(None if path is None else read_yaml(path))
+
+
+def read_yaml(path: str | os.PathLike[str]) -> object:
+    """A config file's parsed YAML; ConfigError naming the file when it cannot be had."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -775,7 +778,7 @@ def load_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{os.fspath(path)}: not valid YAML: {exc}") from None
-    return config_from_mapping(data)
+    return data
 
 
 def resolve_config_path(flag_value: str | None) -> str | None:

@@ -1,6 +1,7 @@
 """``mirror-gateway node sync | verify | manifest``: the node side's commands.
 
-Exit codes: 0 done; 1 something failed (a revision not synced, damage found by verify);
+Exit codes: 0 done; 1 something failed (a revision not synced, damage found by verify, the
+node directory not writable);
 2 a bad config; 3 a bad argument; 5 the node directory holds records that cannot be read.
 """
 
@@ -189,5 +190,8 @@ def run_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _log.error("config error: %s", exc)
         return EXIT_BAD_CONFIG
+    except OSError as exc:  # the node directory: permissions, a full disk
+        _log.error("%s", exc)
+        return EXIT_FAILED
     finally:
         listener.stop()

@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.hf.paths import FileRef
-from gateway.node.store import CommitRecord, NodeTree, RepoRecord, write_json_atomic
+from gateway.node.store import CommitRecord, FileRecord, NodeTree, RepoRecord, write_json_atomic
 
 #: (record, commit sha, its record) -> why it is not servable, or None
 Check = Callable[[RepoRecord, str, CommitRecord], str | None]
 
 
-def _file_entry(f: Any, piece_bytes: int) -> dict[str, Any]:
+def _file_entry(f: FileRecord, piece_bytes: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": f.path, "size": f.size, "sha256": f.sha256}
     if f.pieces:
         entry["pieces"] = {"length": piece_bytes, "sha256": list(f.pieces)}

@@ -14,8 +14,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import get_args
 
-import yaml
-
 from gateway.config import (
     ConfigError,
     _each,
@@ -26,8 +24,9 @@ from gateway.config import (
     _Section,
     _show,
     _str,
+    read_yaml,
 )
-from gateway.hf.paths import FileRef, PathError, RepoType, parse_resolve_path, resolve_path_for
+from gateway.hf.paths import FileRef, PathError, RepoType, is_repo_id
 
 NODE_CONFIG_ENV_VAR = "MIRROR_NODE_CONFIG"
 DEFAULT_UPSTREAM = "https://huggingface.co"
@@ -92,13 +91,8 @@ def _repo_type(value: object, key: str) -> RepoType:
 
 def _repo_id(value: object, key: str, repo_type: RepoType) -> str:
     repo_id = _str(value, key)
-    # Round-trip through the resolve grammar: an id no resolve URL can name cannot be served.
-    probe = FileRef(repo_type, repo_id, DEFAULT_REVISION, "f")
-    try:
-        parsed = parse_resolve_path(resolve_path_for(probe))
-    except PathError:
-        parsed = None
-    if parsed != probe:
+    # An id no resolve URL can name could never be served.
+    if not is_repo_id(repo_type, repo_id):
         raise ConfigError(f"{key}: {_show(value)} is not a valid repository id (ns/name)")
     return repo_id
 
@@ -113,10 +107,6 @@ def _revision(value: object, key: str) -> str:
     if revision.startswith("refs/pr/"):
         raise ConfigError(f"{key}: {_show(value)}: pull requests are not mirrored")
     return revision
-
-
-def _pattern(value: object, key: str) -> str:
-    return _str(value, key)
 
 
 def _node_id(value: object, key: str) -> str:
@@ -155,8 +145,8 @@ def _repo(value: object, key: str) -> RepoSpec:
         repo_type=repo_type,
         repo_id=_repo_id(s.raw("id"), s.key("id"), repo_type),
         revisions=revisions,
-        allow_patterns=s.get("allow_patterns", (), _each(_pattern)),
-        ignore_patterns=s.get("ignore_patterns", (), _each(_pattern)),
+        allow_patterns=s.get("allow_patterns", (), _each(_str)),
+        ignore_patterns=s.get("ignore_patterns", (), _each(_str)),
         keep=s.get("keep", None, _int(1, 1000)),
     )
 
@@ -211,17 +201,7 @@ def settings_from_mapping(data: object) -> NodeSettings:
 
 def load_node_settings(path: str | os.PathLike[str] | None) -> NodeSettings:
     """Read a node YAML file; None: nothing but defaults (the command line names the rest)."""
-    if path is None:
-        return settings_from_mapping(None)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{os.fspath(path)}: not valid YAML: {exc}") from None
-    return settings_from_mapping(data)
+    return settings_from_mapping(None if path is None else read_yaml(path))
 
 
 def finish(settings: NodeSettings) -> NodeSettings:
