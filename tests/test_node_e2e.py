@@ -248,3 +248,22 @@ def test_a_corrupt_file_is_quarantined_and_the_gateway_stops_routing_that_commit
     wait_until(lambda: world.routed(path) == ("bj", data), 10, "bj serving the commit again")
     expected = world.expected("acme/data")["data/train-00000.parquet"]
     assert sha256_hex(on_disk.read_bytes()) == expected
+
+
+def test_a_file_upstream_serves_wrong_is_never_published(world: World) -> None:
+    tiny = world.hub.repo("acme/tiny-model")
+    weights = b"new weights " * 50_000
+    new = tiny.push({"model.safetensors": weights}, lfs=["model.safetensors"]).sha
+    world.hub.wrong_bytes.add(sha256_hex(weights))
+    done = world.node("sync", "--config", str(world.config), "--once")
+    assert done.returncode == 1
+    assert f"commit {new} not published" in done.stderr
+    assert not (world.root / "acme/tiny-model/resolve" / new).exists()
+    # Its other files verified, but the gateway never sends anyone to the node for the commit.
+    path = "/acme/tiny-model/resolve/main/config.json"
+    wait_until(lambda: world.routed(path) == ("upstream", new), 10, "the new commit upstream")
+    assert world.routed(f"/acme/tiny-model/resolve/{new}/model.safetensors") == ("upstream", new)
+
+    world.hub.wrong_bytes.clear()
+    world.sync()
+    wait_until(lambda: world.routed(path) == ("bj", new), 10, "the gateway to follow the node")
