@@ -177,6 +177,9 @@ def _manifest(args: argparse.Namespace) -> int:
 
 def run_node(args: argparse.Namespace) -> int:
     """Run a ``node`` command; the caller turns ConfigError into its exit code."""
+    root = logging.getLogger()
+    # Put back as found: main() may be called in-process (tests, a wrapper) and go on logging.
+    handlers, level = root.handlers[:], root.level
     listener = configure_logging("INFO", "text" if sys.stderr.isatty() else "json")
     commands = {"sync": _sync, "verify": _verify, "manifest": _manifest}
     try:
@@ -195,3 +198,5 @@ def run_node(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         listener.stop()
+        root.handlers[:] = handlers
+        root.setLevel(level)

@@ -24,7 +24,14 @@ from gateway.node import publish
 from gateway.node.digest import Digest, hash_file
 from gateway.node.fetch import FetchError, RateLimiter, fetch_file
 from gateway.node.manifest import on_disk, write_manifest
-from gateway.node.plan import advance, due_for_removal, is_followed, retained, select_files
+from gateway.node.plan import (
+    advance,
+    due_for_removal,
+    is_followed,
+    retained,
+    select_files,
+    to_retire,
+)
 from gateway.node.progress import Progress, Silent
 from gateway.node.settings import NodeSettings, RepoSpec
 from gateway.node.store import CommitRecord, FileRecord, NodeTree, RepoRecord
@@ -120,12 +127,12 @@ class Syncer:
         # Refs and commits the config no longer names stop holding their commits.
         record.refs = {r: h for r, h in record.refs.items() if r in spec.revisions}
         record.pinned = tuple(c for c in record.pinned if c in spec.revisions)
-        keep_set = retained(record.refs, record.pinned)
+        # A retired commit a ref names again (a branch moved back) is kept after all.
+        for commit in retained(record.refs, record.pinned):
+            record.retired.pop(commit, None)
         now = self._clock()
-        for commit in sorted(record.commits):
-            if commit in keep_set:
-                record.retired.pop(commit, None)
-            elif commit not in record.retired:
+        for commit in to_retire(record.commits, record.refs, record.pinned):
+            if commit not in record.retired:
                 record.retired[commit] = now
                 report.retired.append(f"{record.label}@{commit}")
                 _log.info("%s@%s retired: no configured ref keeps it", record.label, commit)
