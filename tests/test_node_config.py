@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -13,6 +14,7 @@ from gateway.config import ConfigError
 from gateway.hf.catalog import FileMeta
 from gateway.node.manifest import manifest_document
 from gateway.node.plan import advance, due_for_removal, select_files, to_retire, wanted
+from gateway.node.progress import TerminalBar
 from gateway.node.settings import (
     NodeSettings,
     RepoSpec,
@@ -177,3 +179,14 @@ def test_manifest_leaves_out_commits_the_check_refuses() -> None:
     (repo,) = document["repos"]
     assert list(repo["commits"]) == ["a" * 40]
     assert repo["refs"] == {"v1": "a" * 40}
+
+
+def test_terminal_progress_line() -> None:
+    out = io.StringIO()
+    bar = TerminalBar(out)
+    bar.begin("acme/m@abc1234", 2, 2 * 1024 * 1024)
+    bar.advance(1024 * 1024)
+    bar.file_done()
+    bar.end()
+    last = out.getvalue().rstrip("\n").split("\r")[-1]
+    assert last == "acme/m@abc1234  1.0/2.0 MiB  1/2 files\x1b[K"
