@@ -8,6 +8,7 @@ or starts routing to the node follows from the node's manifest alone.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import urllib.request
@@ -267,3 +268,31 @@ def test_a_file_upstream_serves_wrong_is_never_published(world: World) -> None:
     world.hub.wrong_bytes.clear()
     world.sync()
     wait_until(lambda: world.routed(path) == ("bj", new), 10, "the gateway to follow the node")
+
+
+def test_metalink_clients_check_the_nodes_piece_hashes(world: World, tmp_path: Path) -> None:
+    tiny = world.hub.repo("acme/tiny-model")
+    weights = tiny.head().files["model.safetensors"]
+    path = "/acme/tiny-model/resolve/main/model.safetensors.meta4"
+    status, _, body = world.gateway.get(path, BEIJING)
+    assert status == 200
+    metalink = body.decode()
+    pieces = [hashlib.sha256(weights[i : i + MIB]).hexdigest() for i in range(0, len(weights), MIB)]
+    assert f'<pieces length="{MIB}" type="sha-256">' in metalink
+    assert all(f"<hash>{piece}</hash>" in metalink for piece in pieces)
+    assert f"{world.nginx.url}/acme/tiny-model/resolve/{tiny.refs['main']}/" in metalink
+
+    run = subprocess.run(
+        ["aria2c", "--follow-metalink=mem", "--check-integrity=true", "--no-conf=true",
+         f"--header=X-Forwarded-For: {BEIJING_IP}", f"--dir={tmp_path}",
+         "--no-proxy=127.0.0.1,localhost", "--timeout=10", "--max-tries=3",
+         "--uri-selector=inorder", "--console-log-level=warn", "--summary-interval=0",
+         f"{world.endpoint}{path}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    assert any(
+        hit.uri.endswith("/model.safetensors") and hit.user_agent.startswith("aria2")
+        for hit in world.nginx.hits()
+    )

@@ -105,10 +105,11 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
     return finish(settings)
 
 
-def _log_report(report: SyncReport, elapsed_s: float) -> None:
+def _log_report(report: SyncReport, elapsed_s: float, requests: dict[str, int]) -> None:
+    asked = ", ".join(f"{kind} {count}" for kind, count in sorted(requests.items())) or "none"
     _log.info(
         "sync done in %.1f s: %d published, %d failed, %d retired, %d removed; "
-        "%d files downloaded, %d reused",
+        "%d files downloaded, %d reused; upstream requests: %s",
         elapsed_s,
         len(report.published),
         len(report.failed),
@@ -116,6 +117,7 @@ def _log_report(report: SyncReport, elapsed_s: float) -> None:
         len(report.removed),
         report.downloaded,
         report.reused,
+        asked,
     )
 
 
@@ -124,7 +126,7 @@ async def _sync_once(settings: NodeSettings, progress: Progress) -> SyncReport:
         upstream = Upstream(session, settings.upstream, settings.token)
         started = time.monotonic()
         report = await Syncer(settings, upstream, progress=progress).run()
-        _log_report(report, time.monotonic() - started)
+        _log_report(report, time.monotonic() - started, upstream.requests)
         return report
 
 
