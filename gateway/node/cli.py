@@ -140,8 +140,8 @@ async def _sync_every(settings: NodeSettings, period_s: float, progress: Progres
 
 
 def _sync(args: argparse.Namespace) -> int:
-    settings = _settings(args)
     period = parse_duration(args.every) if args.every else None
+    settings = _settings(args)
     progress: Progress = TerminalBar() if sys.stderr.isatty() else Silent()
     if period is not None:
         asyncio.run(_sync_every(settings, period, progress))
