@@ -327,3 +327,19 @@ async def test_bandwidth_limit_holds_downloads_to_the_rate() -> None:
     started = time.monotonic()
     await unlimited.take(10**12)
     assert time.monotonic() - started < 2.0
+
+
+async def test_a_damaged_blob_is_not_shared_into_a_new_commit(hub: FakeHub, tmp_path: Path) -> None:
+    settings = settings_for(hub, tmp_path, TINY)
+    await sync(settings)
+    tiny = hub.repo("acme/tiny-model")
+    old = tmp_path / "acme/tiny-model/resolve" / tiny.refs["main"] / "model.safetensors"
+    with old.open("r+b") as f:
+        f.write(b"\0" * 8)
+    new = tiny.push({"config.json": b"{}\n"}).sha
+    report = await sync(settings)
+    assert report.published == [f"acme/tiny-model@{new}"]
+    assert report.downloaded == 2  # the changed config, and the weights the link failed for
+    fresh = tmp_path / "acme/tiny-model/resolve" / new / "model.safetensors"
+    assert fresh.stat().st_ino != old.stat().st_ino
+    assert on_disk(tmp_path, "", "acme/tiny-model", new) == expected(hub, "acme/tiny-model")

@@ -157,9 +157,7 @@ class Syncer:
         await self._sync_commit(record, commit, selected, report)
         return commit
 
-    def _shared_sources(
-        self, record: RepoRecord
-    ) -> dict[tuple[str, int], tuple[Path, CommitRecord, FileRecord]]:
+    def _shared_sources(self, record: RepoRecord) -> dict[tuple[str, int], Path]:
         """Published files of sound commits by (etag, size): candidates for a hard link."""
         sources = {}
         for sha, held in record.commits.items():
@@ -167,7 +165,7 @@ class Syncer:
                 continue
             for f in held.files:
                 path = self._tree.file_path(FileRef(record.repo_type, record.repo_id, sha, f.path))
-                sources[(f.etag, f.size)] = (path, held, f)
+                sources[(f.etag, f.size)] = path
         return sources
 
     async def _sync_commit(
@@ -218,29 +216,20 @@ class Syncer:
         meta: FileMeta,
         target: Path,
         partial: Path,
-        sources: dict[tuple[str, int], tuple[Path, CommitRecord, FileRecord]],
+        sources: dict[tuple[str, int], Path],
         report: SyncReport,
     ) -> FileRecord:
         piece_bytes = self._settings.piece_bytes
-        if target.is_file():
-            # Verified before it got this name; hashed again in case the disk changed since.
+        # A file staged by an earlier run, or an identical blob another commit publishes
+        # (hard-linked in), is verified again locally: the disk may have changed since.
+        source = sources.get((meta.etag, meta.size))
+        if target.is_file() or (source is not None and publish.share(source, target)):
             digest = await asyncio.to_thread(hash_file, target, meta.size, piece_bytes)
             if digest.mismatch(meta) is None:
                 report.reused += 1
                 self._progress.advance(meta.size)
                 return _file_record(meta, digest)
             target.unlink()
-        source = sources.get((meta.etag, meta.size))
-        if source is not None and publish.share(source[0], target):
-            _, held, known = source
-            report.reused += 1
-            self._progress.advance(meta.size)
-            if held.piece_bytes == piece_bytes:
-                return FileRecord(
-                    meta.path, meta.size, known.sha256, meta.etag, meta.lfs, known.pieces
-                )
-            digest = await asyncio.to_thread(hash_file, target, meta.size, piece_bytes)
-            return _file_record(meta, digest)
         digest = await fetch_file(
             self._upstream,
             ref,
