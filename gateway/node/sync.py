@@ -4,9 +4,10 @@ Per repository and revision: ask upstream which commit the revision names; a com
 already holds soundly only moves the ref. Otherwise list its files, keep those the patterns
 want, and fill the staging directory: a staged file, or a blob the node already publishes in
 another commit (hard-linked in), is checked by hashing it again locally; anything else is
-downloaded (see fetch.py). Only when every file verified is the commit published (one rename) and recorded.
-Then refs advance, commits beyond ``keep`` per ref are retired, the manifest is written without
-them, and retired commits past ``prune_after_s`` are deleted: after the manifest dropped them.
+downloaded (see fetch.py). Only when every file verified is the commit published (one rename)
+and recorded. Then refs advance, commits beyond ``keep`` per ref are retired, the manifest is
+written without them, and retired commits past ``prune_after_s`` are deleted: after the
+manifest dropped them.
 """
 
 from __future__ import annotations
