@@ -1,4 +1,5 @@
-"""Command line: ``mirror-gateway serve | check-config | explain``. The only place that exits."""
+"""Command line: ``mirror-gateway serve | check-config | explain | nodes | node``. The only place
+that exits."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from gateway.geo.clientip import ClientAddress, parse_ip
 from gateway.geo.locator import GeoDataError
 from gateway.hf.paths import PathError, parse_resolve_path
 from gateway.logs import configure_logging
+from gateway.node.cli import add_node_commands, run_node
 from gateway.preflight import PreflightError, check_listeners, check_resources
 from gateway.web.admin import ACTIONS
 from gateway.web.server import build_router, serve
@@ -85,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     nodes_cmd.add_argument("--token", help=f"admin token (default: ${ADMIN_TOKEN_ENV_VAR})")
     nodes_cmd.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_node_commands(commands)
     return parser
 
 
@@ -232,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": _check_config,
         "explain": _explain,
         "nodes": _nodes,
+        "node": run_node,
     }
     try:
         return handlers[args.command](args)

@@ -785,8 +785,11 @@ def config_from_mapping(data: object) -> GatewayConfig:
 
 def load_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
     """Load a YAML file; ``None`` means the embedded defaults (no nodes, everything upstream)."""
-    if path is None:
-        return config_from_mapping(None)
+    return config_from_mapping(None if path is None else read_yaml(path))
+
+
+def read_yaml(path: str | os.PathLike[str]) -> object:
+    """A config file's parsed YAML; ConfigError naming the file when it cannot be had."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -805,7 +808,7 @@ def load_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
             f"{exc.key}: duplicate key ({os.fspath(path)} line {exc.line}); "
             "each key may appear once per section"
         ) from None
-    return config_from_mapping(data)
+    return data
 
 
 class _DuplicateKey(Exception):

@@ -28,7 +28,7 @@ the hub 404s that (it is under /api), the download fails, and ``xet_requests()``
 gateway must strip all of it. Direct client tests (no gateway) use ``xet=False``.
 
 Every request is recorded in ``seen``; ``delay_s`` and ``failing`` switch on slowness or an
-outage from the test.
+outage from the test, ``wrong_bytes`` a hub that serves other content than it lists.
 """
 
 from __future__ import annotations
@@ -498,6 +498,8 @@ class FakeHub(ThreadedServer):
     - ``failing``: every request fails: ``failure_mode="503"`` answers 503 (what a Hub outage
       looks like through its load balancer), ``"reset"`` drops the connection unanswered.
     - ``xet``: whether LFS answers carry the Xet bait (see the module docstring).
+    - ``wrong_bytes``: sha256 digests of contents served with every byte flipped (same size),
+      by resolve and by the CDN, while listings keep the true sizes and hashes.
     """
 
     thread_name = "fake-hub"
@@ -517,6 +519,7 @@ class FakeHub(ThreadedServer):
         self.delay_s = 0.0
         self.failing = False
         self.failure_mode: Literal["503", "reset"] = "503"
+        self.wrong_bytes: set[str] = set()
         self.seen: list[SeenRequest] = []
         super().__init__()
 
@@ -613,7 +616,12 @@ class FakeHub(ThreadedServer):
         body = self._blob_by_sha256(match.group(1)) if match else None
         if match is None or body is None:
             return web.Response(status=404, text="NoSuchKey")
-        return serve_bytes(request, body, {"ETag": f'"{match.group(1)}"'})
+        return serve_bytes(request, self._as_served(body), {"ETag": f'"{match.group(1)}"'})
+
+    def _as_served(self, content: bytes) -> bytes:
+        if sha256_hex(content) in self.wrong_bytes:
+            return bytes(b ^ 0x5A for b in content)
+        return content
 
     def _blob_by_sha256(self, digest: str) -> bytes | None:
         for repo in self.repos:
@@ -805,7 +813,7 @@ class FakeHub(ThreadedServer):
         headers = {"X-Repo-Commit": commit.sha, "Accept-Ranges": "bytes"}
         if not commit.is_lfs(path):
             headers["ETag"] = f'"{commit.etag(path)}"'
-            return serve_bytes(request, commit.files[path], headers)
+            return serve_bytes(request, self._as_served(commit.files[path]), headers)
         location = f"{self.cdn_url}/_cdn/{commit.sha256(path)}"
         headers.update(
             {

@@ -170,6 +170,15 @@ def resolve_path_for(ref: FileRef) -> str:
     return path
 
 
+def is_repo_id(repo_type: RepoType, repo_id: str) -> bool:
+    """Whether a resolve URL can name ``repo_id``: a round trip through the grammar."""
+    probe = FileRef(repo_type, repo_id, "main", "f")
+    try:
+        return parse_resolve_path(resolve_path_for(probe)) == probe
+    except PathError:
+        return False
+
+
 def _echo(text: str) -> str:
     # repr() makes control characters visible; truncation keeps hostile input out of logs.
     if len(text) <= _ECHO_LIMIT:

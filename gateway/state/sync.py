@@ -64,7 +64,7 @@ import aiohttp
 
 from gateway.config import NodeConfig, SyncConfig
 from gateway.hf.catalog import CatalogError, RepoRevision, is_commit_sha
-from gateway.hf.paths import FileRef, PathError, RepoType, parse_resolve_path, resolve_path_for
+from gateway.hf.paths import FileRef, RepoType, is_repo_id
 from gateway.hf.targets import node_url
 from gateway.state.netio import bounded_chunks, describe_error
 
@@ -254,14 +254,9 @@ def _repo_type(value: object, where: str) -> RepoType:
 
 def _repo_id(value: object, repo_type: RepoType, where: str) -> str:
     repo_id = _string(value, where)
-    # Round-trip through the request grammar: an id that no resolve URL can name could never be
-    # asked for, and verification puts it into a node URL unencoded.
-    probe = FileRef(repo_type, repo_id, "main", "f")
-    try:
-        parsed = parse_resolve_path(resolve_path_for(probe))
-    except PathError:
-        parsed = None
-    if parsed != probe:
+    # An id that no resolve URL can name could never be asked for, and verification puts it
+    # into a node URL unencoded.
+    if not is_repo_id(repo_type, repo_id):
         raise ManifestError(f"manifest {where}: {_show(value)} is not a valid repository id")
     return repo_id
 

@@ -1,0 +1,1 @@
+"""The node side: mirror repositories from upstream, publish manifests, verify the copy."""
