@@ -8,7 +8,6 @@ are cached per /24 or /48, looked up at the prefix's first address so they don't
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ import maxminddb
 
 from gateway.config import GeoIPConfig
 from gateway.geo.countries import lookup_country
+from gateway.lru import LRUCache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -240,9 +240,8 @@ class MaxMindLocator:
         )
         self.warnings = tuple(warnings)
 
-        self._cache_size = config.cache_size
-        self._cache: OrderedDict[int, Location] | None = (
-            OrderedDict() if config.cache_size > 0 else None
+        self._cache: LRUCache[int, Location] | None = (
+            LRUCache(config.cache_size) if config.cache_size > 0 else None
         )
         self._hits = 0
         self._misses = 0
@@ -291,14 +290,11 @@ class MaxMindLocator:
             hit = cache.get(key)
             if hit is not None:
                 self._hits += 1
-                cache.move_to_end(key)
                 return hit
         self._misses += 1
         location = self._resolve(key)
         if cache is not None:
-            cache[key] = location
-            if len(cache) > self._cache_size:
-                cache.popitem(last=False)
+            cache.put(key, location)
         return location
 
     def _resolve(self, key: int) -> Location:
