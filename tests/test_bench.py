@@ -43,7 +43,7 @@ def test_quick_bench_reports_a_ratio_without_errors(tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--workers", "1",
-         "--nodes", "20", "--duration", "2"],
+         "--nodes", "20", "--duration", "2", "--hostile", "2000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
     )  # fmt: skip
     try:
@@ -62,4 +62,5 @@ def test_quick_bench_reports_a_ratio_without_errors(tmp_path: Path) -> None:
     assert (final["errors"], final["status"]) == ("0", "ok"), output
     assert "[PASS] request errors: none in any run" in output
     assert re.search(r"\d+ MiB .* after a load run over all files and clients", output), output
+    assert re.search(r"\d+ MiB .* after a hostile pass of 2,000 requests .*1,000x 404", output)
     assert _processes_started_under(tmp_path) == []

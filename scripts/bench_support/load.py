@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 import resource
@@ -29,6 +30,11 @@ RESULT_MARK = "BENCH_RESULT "
 WARM_BUDGET_S = 600.0
 #: Headers without which the Hugging Face clients refuse a redirect (see gateway/answers.py).
 HF_HEADERS = ("Location", "X-Repo-Commit", "X-Linked-Etag", "X-Linked-Size", "X-Mirror-Node")
+#: Hostile pass: ~4 KB missing-file paths (the default ``server.max_path_bytes`` is 4,096).
+HOSTILE_PATH_PAD = 3_900
+HOSTILE_CONCURRENCY = 16
+#: Files per repo the hostile pass's real requests spread over (each repo has at least these).
+LOAD_FILES_PER_REPO = 20
 
 
 def request_mix(paths: Sequence[str], ips: Sequence[str], seed: int) -> list[tuple[str, str]]:
@@ -196,3 +202,59 @@ def warm(
     """One request per pair through the gateway (within ``budget_s``); every answer must be a
     complete HF redirect with the right commit."""
     return asyncio.run(_warm(port, pairs, concurrency, budget_s))
+
+
+@dataclass
+class HostileReport:
+    requests: int = 0
+    seconds: float = 0.0
+    statuses: Counter[int] = field(default_factory=Counter)
+
+
+def hostile_request(index: int, repos: int, paths: int, rng: random.Random) -> tuple[str, str]:
+    """Request ``index`` of the hostile pass: the first ``paths`` are distinct ~4 KB paths of
+    files that do not exist (a 404 each), the rest ask for real files; every one comes from a
+    new random IPv4 address."""
+    repo = hub.repo_id(index % repos)
+    if index < paths:
+        path = f"/{repo}/resolve/{hub.REVISION}/missing-{index:07d}-{'x' * HOSTILE_PATH_PAD}"
+    else:
+        path = hub.resolve_path(repo, hub.REVISION, index % LOAD_FILES_PER_REPO)
+    return path, str(ipaddress.IPv4Address(rng.getrandbits(32)))
+
+
+async def _hostile(
+    port: int, requests: int, repos: int, paths: int, seed: int, budget_s: float
+) -> HostileReport:
+    report = HostileReport()
+    rng = random.Random(seed)
+    pending = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=HOSTILE_CONCURRENCY)
+    timeout = aiohttp.ClientTimeout(total=60)
+    started = time.monotonic()
+    deadline = started + budget_s
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def worker() -> None:
+            for index in pending:
+                if time.monotonic() > deadline:
+                    return
+                path, ip = hostile_request(index, repos, paths, rng)
+                url = f"http://127.0.0.1:{port}{path}"
+                headers = {"X-Forwarded-For": ip}
+                async with session.get(url, headers=headers, allow_redirects=False) as response:
+                    await response.read()
+                    report.statuses[response.status] += 1
+                    report.requests += 1
+
+        await asyncio.gather(*(worker() for _ in range(HOSTILE_CONCURRENCY)))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def hostile(
+    port: int, requests: int, *, repos: int, paths: int, seed: int, budget_s: float
+) -> HostileReport:
+    """Distinct missing-file paths, then real files, every request from a new random client:
+    what would grow any cache keyed by what clients send."""
+    return asyncio.run(_hostile(port, requests, repos, paths, seed, budget_s))

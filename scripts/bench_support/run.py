@@ -47,6 +47,15 @@ LOAD_FILES = 20
 MEMORY_FILES = 100
 MEMORY_REPOS = 1000
 QUICK_MEMORY_REPOS = 100
+#: The hostile pass after the memory figure: distinct 404 paths (half the requests), then real
+#: files, each request from a new random client (quick: a tenth). Growth past the caches'
+#: stated bounds fails the run.
+HOSTILE_REQUESTS = 200_000
+HOSTILE_BUDGET_S = 900.0
+#: What the request-path caches may hold together at most (docs/architecture.md lists them):
+#: located clients 65,536 (~26 MiB), GeoIP prefixes 65,536 (~13 MiB), ranked nodes 500,000
+#: (~100 MiB), resolve paths 16,384 (~6 MiB); the rest is allocator slack.
+HOSTILE_GROWTH_BOUND_MIB = 200.0
 START_TIMEOUT_S = 90.0
 #: Cores used outside the benchmark during a run above which the run is flagged as disturbed.
 NOISY_CORES = 0.15
@@ -82,6 +91,7 @@ class Options:
     profile: bool
     access_log: bool
     memory_repos: int
+    hostile_requests: int
     seed: int
     keep: bool
 
@@ -121,6 +131,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--access-log", action="store_true", help="keep the gateway's access log on"
     )
+    parser.add_argument(
+        "--hostile",
+        type=int,
+        help=f"requests of the hostile pass (default {HOSTILE_REQUESTS:,}, a tenth with --quick; "
+        "the first half have distinct 404 paths)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated world")
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (configs, logs)"
@@ -132,6 +148,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     duration = args.duration if args.duration is not None else (3.0 if quick else 10.0)
     if duration <= 0:
         parser.error("--duration must be positive")
+    hostile = args.hostile if args.hostile is not None else HOSTILE_REQUESTS // (10 if quick else 1)
+    if hostile < 0:
+        parser.error("--hostile must be 0 or more")
     return Options(
         duration_s=duration,
         warmup_s=1.0 if quick else 2.0,
@@ -143,6 +162,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         profile=args.profile,
         access_log=args.access_log,
         memory_repos=QUICK_MEMORY_REPOS if quick else MEMORY_REPOS,
+        hostile_requests=hostile,
         seed=args.seed,
         keep=args.keep,
     )
@@ -203,6 +223,9 @@ class MemoryFigure:
     rss_clients: float = 0.0
     rss_after_load: float = 0.0
     load: Measured | None = None
+    #: RSS after the hostile pass, and what that pass got.
+    rss_after_hostile: float = 0.0
+    hostile: load.HostileReport | None = None
     failures: list[str] = field(default_factory=list)
     warnings: Counter[str] = field(default_factory=Counter)
 
@@ -411,6 +434,26 @@ class Bench:
             if figure.load.result.error_total:
                 figure.failures.append(f"memory run: {figure.load.result.describe_errors()}")
             figure.rss_after_load = procs.rss_mib(worker) or 0.0
+            requests = self.options.hostile_requests
+            progress(f"{label}: hostile pass of {requests:,} requests")
+            figure.hostile = load.hostile(
+                gateway.port,
+                requests,
+                repos=repos,
+                paths=requests // 2,
+                seed=self.options.seed,
+                budget_s=HOSTILE_BUDGET_S,
+            )
+            figure.rss_after_hostile = procs.rss_mib(worker) or 0.0
+            growth = figure.rss_after_hostile - figure.rss_after_load
+            if growth > HOSTILE_GROWTH_BOUND_MIB:
+                figure.failures.append(
+                    f"hostile pass grew the worker by {growth:,.0f} MiB, past the caches' "
+                    f"bound of {HOSTILE_GROWTH_BOUND_MIB:,.0f} MiB"
+                )
+            unexpected = set(figure.hostile.statuses) - {302, 404}
+            if unexpected:
+                figure.failures.append(f"hostile pass answers: {dict(figure.hostile.statuses)}")
         finally:
             self.processes.stop(gateway)
             figure.warnings = gateway.log_warnings(EXPECTED_WARNINGS)
@@ -750,6 +793,17 @@ def print_memory(memory: MemoryFigure) -> None:
         ),
         (memory.rss_after_load, f"after a load run over all files and clients ({rps})"),
     ]
+    if memory.hostile is not None:
+        report = memory.hostile
+        answers = ", ".join(f"{n:,}x {status}" for status, n in sorted(report.statuses.items()))
+        steps.append(
+            (
+                memory.rss_after_hostile,
+                f"after a hostile pass of {report.requests:,} requests in {report.seconds:.0f} s "
+                f"({answers}): distinct 4 KB 404 paths, then real files, each from a new "
+                "random client",
+            )
+        )
     lines = [
         f"\n== memory: RSS of one worker with {memory.nodes:,} nodes (each worker of a "
         "multi-worker gateway holds its own copy)"
