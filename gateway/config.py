@@ -31,6 +31,7 @@ ProbeMethod = Literal["GET", "HEAD"]
 LoadFormat = Literal["json", "prometheus"]
 Freshness = Literal["strict", "bounded"]
 LogFormat = Literal["json", "text"]
+CredentialedRoute = Literal["upstream", "own_nodes"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TIER_ORDER: tuple[TierName, ...] = get_args(TierName)
@@ -141,6 +142,15 @@ class ResponsesConfig:
     max_age: int = 60
     #: RFC 6249 ``Link: rel=duplicate`` alternatives sent with each redirect.
     duplicate_links: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsConfig:
+    #: Where a resolve request carrying credentials (``Authorization``, ``Cookie``) is sent:
+    #: wget and hfd.sh send them again to the host a redirect names. ``upstream``: to upstream
+    #: only, so no node sees them; ``own_nodes``: to nodes of kind mirror or cache as well.
+    #: Never to a ``third_party`` node.
+    route: CredentialedRoute = "upstream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +288,7 @@ class GatewayConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     nodes: tuple[NodeConfig, ...] = ()
@@ -536,6 +547,11 @@ def _responses(s: _Section) -> ResponsesConfig:
     )
 
 
+def _credentials(s: _Section) -> CredentialsConfig:
+    d = CredentialsConfig()
+    return CredentialsConfig(route=s.get("route", d.route, _choice(get_args(CredentialedRoute))))
+
+
 def _redis(s: _Section) -> RedisConfig:
     d = RedisConfig()
     url = s.get("url", None, _str)
@@ -751,6 +767,7 @@ def config_from_mapping(data: object) -> GatewayConfig:
         admin=_admin(top.section("admin", _keys(AdminConfig))),
         catalog=_catalog(top.section("catalog", _keys(CatalogConfig))),
         sync=_sync(top.section("sync", _keys(SyncConfig))),
+        credentials=_credentials(top.section("credentials", _keys(CredentialsConfig))),
         logging=_logging(top.section("logging", _keys(LoggingConfig))),
         metrics=_metrics(top.section("metrics", _keys(MetricsConfig))),
         nodes=top.get("nodes", (), lambda v, k: _nodes(v, k, probing.probe)),

@@ -83,6 +83,11 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
     ),
     ("max-tier", {"routing": {"max_tier": "planet"}}, ["routing.max_tier", "asn, country"]),
     (
+        "credentials-route",
+        {"credentials": {"route": "anywhere"}},
+        ["credentials.route", "'anywhere'", "upstream, own_nodes"],
+    ),
+    (
         "cache-mode",
         {"responses": {"cache_mode": "public"}},
         ["responses.cache_mode", "private, cdn-geo"],

@@ -45,13 +45,14 @@ class ToolWorld:
             node.seen.clear()
 
 
-def node_entries(nodes: Mapping[str, HfMirrorNode], kinds: Mapping[str, str]) -> list[Any]:
-    """Config entries of nodes that serve everywhere, each of the kind ``kinds`` names."""
+def node_entries(
+    nodes: Mapping[str, HfMirrorNode], extra: Mapping[str, Mapping[str, Any]]
+) -> list[Any]:
+    """Config entries of nodes that serve everywhere, with each node's ``extra`` keys."""
     return [
-        {"id": name, "url": node.url, "kind": kinds.get(name, "mirror"),
-         "manifest_url": node.manifest_url}
+        {"id": name, "url": node.url, "manifest_url": node.manifest_url, **extra.get(name, {})}
         for name, node in nodes.items()
-    ]  # fmt: skip
+    ]
 
 
 @contextmanager
@@ -59,13 +60,14 @@ def tool_world(
     tmp_path: Path,
     node_names: tuple[str, ...] = ("own",),
     *,
-    kinds: Mapping[str, str] | None = None,
+    node_config: Mapping[str, Mapping[str, Any]] | None = None,
     config: Mapping[str, Any] | None = None,
     hub: FakeHub | None = None,
 ) -> Iterator[ToolWorld]:
     """Hub, nodes (mirrors of every public commit) and a gateway process that routes to them.
 
-    ``config`` is laid over the gateway's config; ``hub`` replaces the standard one.
+    ``node_config``: more config keys per node (kind, weight...); ``config`` is laid over the
+    gateway's config; ``hub`` replaces the standard one.
     """
     with ExitStack() as stack:
         if hub is None:
@@ -77,7 +79,7 @@ def tool_world(
             "upstream": {"url": hub.url},
             "probing": {"interval_s": 0.2, "rise": 1, "probe": {"path": "/health"}},
             "sync": {"interval_s": 0.3},
-            "nodes": node_entries(nodes, kinds or {}),
+            "nodes": node_entries(nodes, node_config or {}),
             **(config or {}),
         }
         gateway = GatewayProcess(gateway_config, tmp_path)

@@ -25,6 +25,7 @@ from gateway.logs import request_id
 from gateway.metrics import RouteLabel
 from gateway.runtime import RUNTIME, Runtime
 from gateway.web.answers import catalog_error, json_error
+from gateway.web.credentials import carries_credentials
 from gateway.web.metalink import metalink_response, metalink_target
 from gateway.web.plan import UpstreamOnly, plan_route
 from gateway.web.redirect import finish_request, record_outcome, record_redirect, redirect_headers
@@ -182,9 +183,12 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         request.remote, forwarding_headers(request.headers, router.config.client_ip)
     )
     location = placement.location
+    credentials = router.config.credentials.route if carries_credentials(request.headers) else None
     try:
         target, as_metalink = await metalink_target(runtime, ref, request.headers.get("Accept"))
-        plan = await plan_route(runtime, target, placement, explain=as_metalink)
+        plan = await plan_route(
+            runtime, target, placement, explain=as_metalink, credentials=credentials
+        )
     except UpstreamOnly:
         # Private and gated files need the client's token: only upstream may see it.
         _remember(
