@@ -154,6 +154,18 @@ class CredentialsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GitConfig:
+    #: Pass git's smart HTTP (clone, fetch) to upstream and answer the git-lfs batch API.
+    enabled: bool = True
+    #: Largest request body passed on (``git-upload-pack`` wants and haves, LFS batch JSON).
+    max_request_bytes: int = 8 * 1_048_576
+    #: Largest answer relayed (the pack of a clone); a longer one is cut off.
+    max_response_bytes: int = 4 * 1024**3
+    #: A relayed request, body included, gives up after this long.
+    timeout_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     format: LogFormat = "json"
     #: One line per request: id, client country, chosen node, reason, status, duration.
@@ -289,6 +301,7 @@ class GatewayConfig:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    git: GitConfig = field(default_factory=GitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     nodes: tuple[NodeConfig, ...] = ()
@@ -552,6 +565,18 @@ def _credentials(s: _Section) -> CredentialsConfig:
     return CredentialsConfig(route=s.get("route", d.route, _choice(get_args(CredentialedRoute))))
 
 
+def _git(s: _Section) -> GitConfig:
+    d = GitConfig()
+    return GitConfig(
+        enabled=s.get("enabled", d.enabled, _bool),
+        max_request_bytes=s.get(
+            "max_request_bytes", d.max_request_bytes, _int(1024, 1024 * 1_048_576)
+        ),
+        max_response_bytes=s.get("max_response_bytes", d.max_response_bytes, _int(1024, 2**50)),
+        timeout_s=s.get("timeout_s", d.timeout_s, _float(1.0, 86400.0)),
+    )
+
+
 def _redis(s: _Section) -> RedisConfig:
     d = RedisConfig()
     url = s.get("url", None, _str)
@@ -768,6 +793,7 @@ def config_from_mapping(data: object) -> GatewayConfig:
         catalog=_catalog(top.section("catalog", _keys(CatalogConfig))),
         sync=_sync(top.section("sync", _keys(SyncConfig))),
         credentials=_credentials(top.section("credentials", _keys(CredentialsConfig))),
+        git=_git(top.section("git", _keys(GitConfig))),
         logging=_logging(top.section("logging", _keys(LoggingConfig))),
         metrics=_metrics(top.section("metrics", _keys(MetricsConfig))),
         nodes=top.get("nodes", (), lambda v, k: _nodes(v, k, probing.probe)),
