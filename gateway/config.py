@@ -114,6 +114,18 @@ class SyncConfig:
     verify_samples: int = 3
     #: ... plus a full sha256 of sampled files up to this size.
     verify_max_bytes: int = 1_048_576
+    #: A commit a node newly lists enters service only once every listed file's size (HEAD)
+    #: and the sha256 of a sample weighted toward the largest files have been confirmed.
+    admission: bool = True
+    #: Files hashed in full at admission (drawn with weights by size) ...
+    admission_samples: int = 8
+    #: ... among those up to this size; larger ones are checked by HEAD alone.
+    admission_max_bytes: int = 64 * 1_048_576
+    #: Checks of one node under way at once during admission.
+    admission_concurrency: int = 16
+    #: One node's admissions of a round give up after this long; the commits stay out of
+    #: service and are tried again the next round.
+    admission_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,6 +686,15 @@ def _sync(s: _Section) -> SyncConfig:
         interval_s=s.get("interval_s", d.interval_s, _float(0.05, 86400.0)),
         verify_samples=s.get("verify_samples", d.verify_samples, _int(0, 1000)),
         verify_max_bytes=s.get("verify_max_bytes", d.verify_max_bytes, _int(0, 2**34)),
+        admission=s.get("admission", d.admission, _bool),
+        admission_samples=s.get("admission_samples", d.admission_samples, _int(0, 10_000)),
+        admission_max_bytes=s.get("admission_max_bytes", d.admission_max_bytes, _int(0, 2**40)),
+        admission_concurrency=s.get(
+            "admission_concurrency", d.admission_concurrency, _int(1, 1024)
+        ),
+        admission_timeout_s=s.get(
+            "admission_timeout_s", d.admission_timeout_s, _float(1.0, 86400.0)
+        ),
     )
 
 

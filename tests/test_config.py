@@ -83,6 +83,11 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
     ),
     ("max-tier", {"routing": {"max_tier": "planet"}}, ["routing.max_tier", "asn, country"]),
     ("git-timeout", {"git": {"timeout_s": 0}}, ["git.timeout_s", "1.0..86400.0"]),
+    (
+        "admission-concurrency",
+        {"sync": {"admission_concurrency": 0}},
+        ["sync.admission_concurrency", "1..1024"],
+    ),
     ("git-enabled", {"git": {"enabled": "yes"}}, ["git.enabled", "true or false"]),
     (
         "credentials-route",

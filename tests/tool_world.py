@@ -19,6 +19,8 @@ from fake_hub import FakeHub, SeenRequest
 from hf_nodes import HfMirrorNode
 from processes import GatewayProcess, wait_until
 
+from gateway.state.sync import USER_AGENT as SYNC_USER_AGENT
+
 #: Every tool run is bounded: a hang is a failure, not a stuck suite.
 TOOL_TIMEOUT_S = 60
 
@@ -34,10 +36,15 @@ class ToolWorld:
         return f"http://127.0.0.1:{self.gateway.port}"
 
     def downloads(self, name: str) -> list[SeenRequest]:
-        """File requests node ``name`` received (``hub``: upstream, its CDN included)."""
+        """File requests node ``name`` received from clients (``hub``: upstream, its CDN
+        included), the gateway's own checks of the node aside."""
         if name == "hub":
             return [r for r in list(self.hub.seen) if not r.path.startswith("/api/")]
-        return self.nodes[name].downloads()
+        return [
+            r
+            for r in self.nodes[name].downloads()
+            if not (r.header("User-Agent") or "").startswith(SYNC_USER_AGENT)
+        ]
 
     def clear_logs(self) -> None:
         self.hub.clear_seen()
@@ -63,11 +70,12 @@ def tool_world(
     node_config: Mapping[str, Mapping[str, Any]] | None = None,
     config: Mapping[str, Any] | None = None,
     hub: FakeHub | None = None,
+    ready_path: str = "/acme/tiny-model/resolve/main/config.json",
 ) -> Iterator[ToolWorld]:
     """Hub, nodes (mirrors of every public commit) and a gateway process that routes to them.
 
     ``node_config``: more config keys per node (kind, weight...); ``config`` is laid over the
-    gateway's config; ``hub`` replaces the standard one.
+    gateway's config; ``hub`` replaces the standard one. Ready when ``ready_path`` goes to a node.
     """
     with ExitStack() as stack:
         if hub is None:
@@ -86,13 +94,14 @@ def tool_world(
         stack.callback(gateway.stop)
         world = ToolWorld(hub, nodes, gateway)
         if nodes:
-            wait_until(lambda: _routed_to_a_node(world), 10, "a node taking clients")
+            wait_until(lambda: routed_to(world, ready_path) != "upstream", 10, "a node routed to")
         yield world
 
 
-def _routed_to_a_node(world: ToolWorld) -> bool:
-    _, headers, _ = world.gateway.get("/acme/tiny-model/resolve/main/config.json", method="HEAD")
-    return headers.get("x-mirror-node", "upstream") != "upstream"
+def routed_to(world: ToolWorld, path: str) -> str:
+    """The node a plain client asking for ``path`` is sent to (``upstream``, or the status)."""
+    status, headers, _ = world.gateway.get(path, method="HEAD")
+    return headers.get("x-mirror-node", f"status {status}")
 
 
 def run_tool(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

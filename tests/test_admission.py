@@ -1,0 +1,95 @@
+"""Admission: a node takes clients for a commit it newly lists only once the gateway has checked
+every listed file's size and the sha256 of a sample weighted toward the largest files.
+
+The gateway runs as a process in front of a local hub and real mirror nodes; the nodes' own
+request logs and the gateway's redirects are the evidence.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+
+from fake_hub import FakeHub, FakeRepo
+from tool_world import routed_to, tool_world
+
+from gateway.state.sync import weighted_sample
+
+TINY = ("model", "acme/tiny-model")
+#: Large enough to be drawn first by size, small enough to hash at once.
+BIG = random.Random("big").randbytes(1024 * 1024)
+#: Polls of the gateway while the corrupt copy is listed; each a HEAD on loopback.
+MAX_POLLS = 400
+
+
+def test_weighted_sample_prefers_large_files_and_respects_bounds() -> None:
+    files = {f"small-{i}": (10, "") for i in range(50)} | {"big": (10**6, ""), "huge": (10**9, "")}
+    picks = [weighted_sample(files, 2, 10**8, random.Random(seed)) for seed in range(200)]
+    assert all(len(p) == 2 == len(set(p)) for p in picks)
+    assert all("huge" not in p for p in picks), "over max_bytes: checked by HEAD alone"
+    assert sum("big" in p for p in picks) == 200
+    assert weighted_sample(files, 5, 10**8, random.Random(1)) == weighted_sample(
+        files, 5, 10**8, random.Random(1)
+    )
+    assert weighted_sample({}, 3, 10, random.Random(1)) == []
+
+
+def test_no_client_is_sent_to_a_corrupt_copy_of_a_new_commit(tmp_path: Path) -> None:
+    with tool_world(
+        tmp_path,
+        ("bad", "good"),
+        config={"sync": {"interval_s": 0.3, "verify_samples": 3}},
+    ) as world:
+        repo = world.hub.repo(TINY[1])
+        new = repo.push({"big.bin": BIG}, lfs={"big.bin"}, title="add big.bin")
+        paths = [f"/{TINY[1]}/resolve/{new.sha}/{p}" for p in ("big.bin", "config.json")]
+        assert {routed_to(world, p) for p in paths} == {"upstream"}, "nobody lists it yet"
+        world.nodes["bad"].corrupt("big.bin")
+        for node in world.nodes.values():
+            node.hold(TINY, new.sha)
+        seen: list[str] = []
+        started = time.monotonic()
+        admitted_after = None
+        for _ in range(MAX_POLLS):
+            seen += [routed_to(world, p) for p in paths]
+            if admitted_after is None and "good" in seen:
+                admitted_after = time.monotonic() - started
+            log = world.gateway.log.read_text()
+            if admitted_after is not None and "node bad: excluded for commit" in log:
+                break
+            time.sleep(0.02)
+        assert "bad" not in seen, "a client was sent to the corrupt copy"
+        assert admitted_after is not None, f"the good copy never entered service: {seen[-4:]}"
+        assert "sha256 mismatch for big.bin" in world.gateway.log.read_text()
+        # The commits it already served stay in service.
+        assert routed_to(world, f"/{TINY[1]}/resolve/{repo.refs['v1.0']}/config.json") in {
+            "bad",
+            "good",
+        }
+    print(f"new commit admitted on the good node {admitted_after:.2f} s after it was listed")
+
+
+def test_admission_of_a_commit_of_1200_files_is_bounded(tmp_path: Path) -> None:
+    files = {f"shard/{i:04d}.json": b'{"i": %d}\n' % i for i in range(1200)}
+    repo = FakeRepo("model", "acme/many", [], {})
+    repo.push({**files, "weights.bin": BIG}, lfs={"weights.bin"})
+    started = time.monotonic()
+    with (
+        FakeHub([repo], page_size=1000) as hub,
+        tool_world(
+            tmp_path,
+            hub=hub,
+            config={"sync": {"interval_s": 0.5}},
+            ready_path="/acme/many/resolve/main/weights.bin",
+        ) as world,
+    ):
+        ready = time.monotonic() - started
+        log = world.gateway.log.read_text()
+        node_requests = [r for r in world.nodes["own"].seen if r.method == "HEAD"]
+        assert len({r.path for r in node_requests}) >= 1201, "every file's size was checked"
+        match = re.search(r"node own: 1 of 1 new commits admitted in ([0-9.]+) s", log)
+        assert match is not None, log[-2000:]
+        assert float(match.group(1)) < 30
+    print(f"1,201 files admitted in {match.group(1)} s (gateway up and routing in {ready:.1f} s)")
