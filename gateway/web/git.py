@@ -93,7 +93,8 @@ async def serve_git(
             return json_error(exc.status, exc.code, exc.message)
         if answer is not None:
             return web.json_response(answer, content_type=LFS_MEDIA_TYPE)
-    query = f"?{request.query_string}" if git.endpoint == "info_refs" else ""
+    # Rebuilt rather than passed on: the one query git's smart HTTP has, checked above.
+    query = "?service=git-upload-pack" if git.endpoint == "info_refs" else ""
     return await _relay(request, runtime, git.upstream_path() + query, body, request_id)
 
 
