@@ -7,15 +7,20 @@ request logs and the gateway's redirects are the evidence.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import time
 from pathlib import Path
 
+import pytest
 from fake_hub import FakeHub, FakeRepo
+from hf_nodes import HfMirrorNode
 from tool_world import routed_to, tool_world
 
-from gateway.state.sync import weighted_sample
+from gateway.config import CatalogConfig, NodeConfig, SyncConfig, UpstreamConfig
+from gateway.hf.catalog import Catalog
+from gateway.state.sync import Servable, SyncTracker, new_session, weighted_sample
 
 TINY = ("model", "acme/tiny-model")
 #: Large enough to be drawn first by size, small enough to hash at once.
@@ -93,3 +98,39 @@ def test_admission_of_a_commit_of_1200_files_is_bounded(tmp_path: Path) -> None:
         assert match is not None, log[-2000:]
         assert float(match.group(1)) < 30
     print(f"1,201 files admitted in {match.group(1)} s (gateway up and routing in {ready:.1f} s)")
+
+
+async def test_admission_is_bounded_in_time_and_resumes(
+    fake_hub: FakeHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node too slow to check within admission_timeout_s takes no clients for the commit;
+    the next round, the node answering again, admits it."""
+    node = HfMirrorNode("slow", fake_hub, {TINY: [fake_hub.repo(TINY[1]).refs["v1.0"]]})
+    config = NodeConfig(id="slow", base_url=node.url, manifest_url=node.manifest_url)
+    sync = SyncConfig(admission_timeout_s=0.5, admission_concurrency=1)
+    catalog = Catalog(UpstreamConfig(url=fake_hub.url), CatalogConfig())
+    await catalog.start()
+    tracker = SyncTracker([config], sync, catalog, timeout_s=5.0)
+    commit = fake_hub.repo(TINY[1]).refs["v1.0"]
+
+    def servable() -> Servable:
+        return tracker.servable(config, *TINY, commit, commit, "config.json", time.time())
+
+    try:
+        async with new_session() as session:
+            node.delay_s = 0.2  # each of the commit's files: 0.2 s, one at a time
+            started = time.monotonic()
+            with caplog.at_level(logging.INFO, logger="gateway.sync"):
+                await tracker.run_round(session)
+            # The manifest, the admission's 0.5 s bound, then ongoing sampling (3 files, HEAD and
+            # GET, at 0.2 s each); generous, for a loaded machine: the log line is the proof.
+            assert time.monotonic() - started < 5.0
+            assert "admission unfinished after" in caplog.text
+            assert servable() == Servable(None, f"commit {commit[:7]} of acme/tiny-model "
+                                          "awaits admission (sync)")  # fmt: skip
+            node.delay_s = 0.0
+            await tracker.run_round(session)
+            assert servable() == Servable(commit, "")
+    finally:
+        await catalog.close()
+        node.stop()
