@@ -11,8 +11,12 @@ import logging
 import random
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 from fake_hub import FakeHub, FakeRepo
 from hf_nodes import HfMirrorNode
@@ -100,37 +104,70 @@ def test_admission_of_a_commit_of_1200_files_is_bounded(tmp_path: Path) -> None:
     print(f"1,201 files admitted in {match.group(1)} s (gateway up and routing in {ready:.1f} s)")
 
 
+@dataclass
+class Tracked:
+    """One node of the hub, holding v1.0 of acme/tiny-model, and a tracker of it alone."""
+
+    node: HfMirrorNode
+    config: NodeConfig
+    tracker: SyncTracker
+    session: aiohttp.ClientSession
+    commit: str
+
+    def servable(self, path: str = "config.json") -> Servable:
+        commit = self.commit
+        return self.tracker.servable(self.config, *TINY, commit, commit, path, time.time())
+
+
+@asynccontextmanager
+async def tracked(hub: FakeHub, sync: SyncConfig) -> AsyncIterator[Tracked]:
+    commit = hub.repo(TINY[1]).refs["v1.0"]
+    node = HfMirrorNode("n", hub, {TINY: [commit]})
+    config = NodeConfig(id="n", base_url=node.url, manifest_url=node.manifest_url)
+    catalog = Catalog(UpstreamConfig(url=hub.url), CatalogConfig())
+    await catalog.start()
+    try:
+        async with new_session() as session:
+            tracker = SyncTracker([config], sync, catalog, timeout_s=5.0)
+            yield Tracked(node, config, tracker, session, commit)
+    finally:
+        await catalog.close()
+        node.stop()
+
+
 async def test_admission_is_bounded_in_time_and_resumes(
     fake_hub: FakeHub, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A node too slow to check within admission_timeout_s takes no clients for the commit;
     the next round, the node answering again, admits it."""
-    node = HfMirrorNode("slow", fake_hub, {TINY: [fake_hub.repo(TINY[1]).refs["v1.0"]]})
-    config = NodeConfig(id="slow", base_url=node.url, manifest_url=node.manifest_url)
     sync = SyncConfig(admission_timeout_s=0.5, admission_concurrency=1)
-    catalog = Catalog(UpstreamConfig(url=fake_hub.url), CatalogConfig())
-    await catalog.start()
-    tracker = SyncTracker([config], sync, catalog, timeout_s=5.0)
-    commit = fake_hub.repo(TINY[1]).refs["v1.0"]
+    async with tracked(fake_hub, sync) as world:
+        world.node.delay_s = 0.2  # each of the commit's files: 0.2 s, one at a time
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="gateway.sync"):
+            await world.tracker.run_round(world.session)
+        # The manifest, the admission's 0.5 s bound, then ongoing sampling (3 files, HEAD and
+        # GET, at 0.2 s each); generous, for a loaded machine: the log line is the proof.
+        assert time.monotonic() - started < 5.0
+        assert "admission unfinished after" in caplog.text
+        assert world.servable() == Servable(
+            None, f"commit {world.commit[:7]} of acme/tiny-model awaits admission (sync)"
+        )
+        world.node.delay_s = 0.0
+        await world.tracker.run_round(world.session)
+        assert world.servable() == Servable(world.commit, "")
 
-    def servable() -> Servable:
-        return tracker.servable(config, *TINY, commit, commit, "config.json", time.time())
 
-    try:
-        async with new_session() as session:
-            node.delay_s = 0.2  # each of the commit's files: 0.2 s, one at a time
-            started = time.monotonic()
-            with caplog.at_level(logging.INFO, logger="gateway.sync"):
-                await tracker.run_round(session)
-            # The manifest, the admission's 0.5 s bound, then ongoing sampling (3 files, HEAD and
-            # GET, at 0.2 s each); generous, for a loaded machine: the log line is the proof.
-            assert time.monotonic() - started < 5.0
-            assert "admission unfinished after" in caplog.text
-            assert servable() == Servable(None, f"commit {commit[:7]} of acme/tiny-model "
-                                          "awaits admission (sync)")  # fmt: skip
-            node.delay_s = 0.0
-            await tracker.run_round(session)
-            assert servable() == Servable(commit, "")
-    finally:
-        await catalog.close()
-        node.stop()
+async def test_a_failed_admission_holds_until_the_bad_file_hashes_right(fake_hub: FakeHub) -> None:
+    """The 3 MiB weights are over verify_max_bytes: only admission's hash sees the damage, and
+    a HEAD alone (same size) must not clear it. No other sample admits the commit meanwhile."""
+    async with tracked(fake_hub, SyncConfig(admission_samples=1)) as world:
+        world.node.corrupt("model.safetensors")
+        for _ in range(5):
+            await world.tracker.run_round(world.session)
+            assert world.servable().commit is None
+            assert "sha256 mismatch for model.safetensors" in world.servable().reason
+        world.node.heal()
+        for _ in range(2):  # the retry clears the failure, then admission runs again
+            await world.tracker.run_round(world.session)
+        assert world.servable() == Servable(world.commit, "")

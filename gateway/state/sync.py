@@ -1022,6 +1022,11 @@ class SyncTracker:
 
         retries = self._retry_samples(node.id, config.verify_samples)
         fresh = pick_samples(holdings, config.verify_samples, self._rng)
+        # A file that failed is hashed again as admission would hash it: a HEAD alone must not
+        # clear a sha256 mismatch found at admission.
+        retry_limit = max(
+            config.verify_max_bytes, config.admission_max_bytes if config.admission else 0
+        )
         for sample in [*retries, *(s for s in fresh if s not in retries)]:
             try:
                 reason = await _check_sample(
@@ -1030,7 +1035,7 @@ class SyncTracker:
                     sample,
                     holdings,
                     self._catalog,
-                    config.verify_max_bytes,
+                    retry_limit if sample in retries else config.verify_max_bytes,
                     self._timeout_s,
                 )
             except _Inconclusive as exc:
@@ -1054,11 +1059,14 @@ class SyncTracker:
         """Admit the commits ``manifest`` lists that are not admitted yet, one at a time, all
         within ``admission_timeout_s``; what does not finish waits for the next round."""
         admitted = self._admitted.setdefault(node.id, set())
+        failed = self.failed_for(node.id)
+        # A commit with a failed file waits until retries clear it (``_sync_node``) rather than
+        # be admitted afresh every round on a sample that may miss the bad file.
         pending: list[CommitKey] = [
             (*key, commit)
             for key, by_commit in manifest.commits.items()
             for commit in by_commit
-            if (*key, commit) not in admitted
+            if (*key, commit) not in admitted and (*key, commit) not in failed
         ]
         started = time.monotonic()
         try:
