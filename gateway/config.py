@@ -31,6 +31,7 @@ ProbeMethod = Literal["GET", "HEAD"]
 LoadFormat = Literal["json", "prometheus"]
 Freshness = Literal["strict", "bounded"]
 LogFormat = Literal["json", "text"]
+CredentialedRoute = Literal["upstream", "own_nodes"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TIER_ORDER: tuple[TierName, ...] = get_args(TierName)
@@ -123,6 +124,18 @@ class SyncConfig:
     verify_samples: int = 3
     #: ... plus a full sha256 of sampled files up to this size.
     verify_max_bytes: int = 1_048_576
+    #: A commit a node newly lists enters service only once every listed file's size (HEAD)
+    #: and the sha256 of a sample weighted toward the largest files have been confirmed.
+    admission: bool = True
+    #: Files hashed in full at admission (drawn with weights by size) ...
+    admission_samples: int = 8
+    #: ... among those up to this size; larger ones are checked by HEAD alone.
+    admission_max_bytes: int = 64 * 1_048_576
+    #: Checks of one node under way at once during admission.
+    admission_concurrency: int = 16
+    #: One node's admissions of a round give up after this long; the commits stay out of
+    #: service and are tried again the next round.
+    admission_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +164,27 @@ class ResponsesConfig:
     max_age: int = 60
     #: RFC 6249 ``Link: rel=duplicate`` alternatives sent with each redirect.
     duplicate_links: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsConfig:
+    #: Where a resolve request carrying credentials (``Authorization``, ``Cookie``) is sent:
+    #: wget and hfd.sh send them again to the host a redirect names. ``upstream``: to upstream
+    #: only, so no node sees them; ``own_nodes``: to nodes of kind mirror or cache as well.
+    #: Never to a ``third_party`` node.
+    route: CredentialedRoute = "upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class GitConfig:
+    #: Pass git's smart HTTP (clone, fetch) to upstream and answer the git-lfs batch API.
+    enabled: bool = True
+    #: Largest request body passed on (``git-upload-pack`` wants and haves, LFS batch JSON).
+    max_request_bytes: int = 8 * 1_048_576
+    #: Largest answer relayed (the pack of a clone); a longer one is cut off.
+    max_response_bytes: int = 4 * 1024**3
+    #: A relayed request, body included, gives up after this long.
+    timeout_s: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +325,8 @@ class GatewayConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    git: GitConfig = field(default_factory=GitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     nodes: tuple[NodeConfig, ...] = ()
@@ -550,6 +586,23 @@ def _responses(s: _Section) -> ResponsesConfig:
     )
 
 
+def _credentials(s: _Section) -> CredentialsConfig:
+    d = CredentialsConfig()
+    return CredentialsConfig(route=s.get("route", d.route, _choice(get_args(CredentialedRoute))))
+
+
+def _git(s: _Section) -> GitConfig:
+    d = GitConfig()
+    return GitConfig(
+        enabled=s.get("enabled", d.enabled, _bool),
+        max_request_bytes=s.get(
+            "max_request_bytes", d.max_request_bytes, _int(1024, 1024 * 1_048_576)
+        ),
+        max_response_bytes=s.get("max_response_bytes", d.max_response_bytes, _int(1024, 2**50)),
+        timeout_s=s.get("timeout_s", d.timeout_s, _float(1.0, 86400.0)),
+    )
+
+
 def _redis(s: _Section) -> RedisConfig:
     d = RedisConfig()
     url = s.get("url", None, _str)
@@ -648,6 +701,15 @@ def _sync(s: _Section) -> SyncConfig:
         interval_s=s.get("interval_s", d.interval_s, _float(0.05, 86400.0)),
         verify_samples=s.get("verify_samples", d.verify_samples, _int(0, 1000)),
         verify_max_bytes=s.get("verify_max_bytes", d.verify_max_bytes, _int(0, 2**34)),
+        admission=s.get("admission", d.admission, _bool),
+        admission_samples=s.get("admission_samples", d.admission_samples, _int(0, 10_000)),
+        admission_max_bytes=s.get("admission_max_bytes", d.admission_max_bytes, _int(0, 2**40)),
+        admission_concurrency=s.get(
+            "admission_concurrency", d.admission_concurrency, _int(1, 1024)
+        ),
+        admission_timeout_s=s.get(
+            "admission_timeout_s", d.admission_timeout_s, _float(1.0, 86400.0)
+        ),
     )
 
 
@@ -771,6 +833,8 @@ def config_from_mapping(data: object) -> GatewayConfig:
         admin=_admin(top.section("admin", _keys(AdminConfig))),
         catalog=_catalog(top.section("catalog", _keys(CatalogConfig))),
         sync=_sync(top.section("sync", _keys(SyncConfig))),
+        credentials=_credentials(top.section("credentials", _keys(CredentialsConfig))),
+        git=_git(top.section("git", _keys(GitConfig))),
         logging=_logging(top.section("logging", _keys(LoggingConfig))),
         metrics=_metrics(top.section("metrics", _keys(MetricsConfig))),
         nodes=top.get("nodes", (), lambda v, k: _nodes(v, k, probing.probe)),

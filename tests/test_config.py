@@ -82,6 +82,18 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
         ["client_ip.cdn_country_header", "header name"],
     ),
     ("max-tier", {"routing": {"max_tier": "planet"}}, ["routing.max_tier", "asn, country"]),
+    ("git-timeout", {"git": {"timeout_s": 0}}, ["git.timeout_s", "1.0..86400.0"]),
+    (
+        "admission-concurrency",
+        {"sync": {"admission_concurrency": 0}},
+        ["sync.admission_concurrency", "1..1024"],
+    ),
+    ("git-enabled", {"git": {"enabled": "yes"}}, ["git.enabled", "true or false"]),
+    (
+        "credentials-route",
+        {"credentials": {"route": "anywhere"}},
+        ["credentials.route", "'anywhere'", "upstream, own_nodes"],
+    ),
     (
         "cache-mode",
         {"responses": {"cache_mode": "public"}},

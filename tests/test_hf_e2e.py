@@ -100,6 +100,9 @@ def gateway_config(
         "sync": {"interval_s": 0.3, "verify_samples": 100},
         # Deterministic choices for asserting node logs: distance alone, no near-equal sharing.
         "routing": {"near_equal_km": 1.0, "near_equal_ratio": 0.0, "km_per_latency_ms": 0.0},
+        # The HF clients drop a token on the redirect to another host: their downloads with a
+        # token may go to our own nodes (test_token_never_reaches_a_node checks they drop it).
+        "credentials": {"route": "own_nodes"},
         "nodes": [
             node_entry("bj", nodes["bj"], 39.9042, 116.4074, [4134]),
             node_entry("sh", nodes["sh"], 31.2304, 121.4737, [4837], **node_extra),

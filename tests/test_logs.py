@@ -80,6 +80,8 @@ def test_access_log_lines_and_request_ids(
             {"id": "bj", "url": "https://bj.example", "country": "CN",
              "serves": {"countries": ["CN"]}},
         ],
+        # The request with a token below is still routed to the node.
+        "credentials": {"route": "own_nodes"},
     }  # fmt: skip
     gateway = GatewayProcess(config, tmp_path)
     try:

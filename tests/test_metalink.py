@@ -47,8 +47,10 @@ from gateway.web.metalink import (
 )
 
 NS = "{urn:ietf:params:xml:ns:metalink}"
-#: What aria2 sends (its follow-metalink default is on).
+#: What aria2 sends on every request, whatever its options: a tie, so it gets the redirect.
 ARIA2_ACCEPT = "*/*,application/metalink4+xml,application/metalink+xml"
+#: What a client that can only use a Metalink sends.
+PREFERS_METALINK = "application/metalink4+xml, */*;q=0.5"
 GATED_WEIGHTS = "/acme/gated-model/resolve/main/model.safetensors"
 
 
@@ -133,10 +135,10 @@ async def metalink_of(world: World, path: str, **headers: str) -> Metalink:
 
 @pytest.mark.parametrize(
     ("suffix", "accept"),
-    [(".meta4", "*/*"), ("", METALINK_TYPE), ("", ARIA2_ACCEPT), (".meta4", ARIA2_ACCEPT)],
-    ids=["suffix", "accept", "aria2-accept", "suffix-and-accept"],
+    [(".meta4", "*/*"), ("", METALINK_TYPE), ("", PREFERS_METALINK), (".meta4", ARIA2_ACCEPT)],
+    ids=["suffix", "accept", "accept-preferring", "suffix-and-aria2-accept"],
 )
-async def test_metalink_lists_eligible_nodes_best_first_then_upstream(
+async def test_metalink_lists_eligible_nodes_best_first_and_not_upstream(
     world: World, suffix: str, accept: str
 ) -> None:
     metalink = await metalink_of(world, WEIGHTS + suffix, Accept=accept, **FROM_BEIJING)
@@ -146,11 +148,11 @@ async def test_metalink_lists_eligible_nodes_best_first_then_upstream(
     assert metalink.sha256 == hashlib.sha256(content).hexdigest()
     assert metalink.pieces == (PIECE_LENGTH, piece_hashes(content, PIECE_LENGTH))
     path = "model.safetensors"
-    # lag lacks the commit, bad failed verification, and the rest are excluded by the policy.
+    # lag lacks the commit, bad failed verification, and the rest are excluded by the policy;
+    # the client's route is its nodes, so upstream is no source.
     assert metalink.urls == [
         (at(world, "bj", world.main, path), 1, "cn"),
         (at(world, "sh", world.main, path), 2, "cn"),
-        (at(world, "upstream", world.main, path), UPSTREAM_PRIORITY, None),
     ]
 
 
@@ -167,7 +169,7 @@ async def test_plain_git_file_takes_its_hash_from_a_manifest(world: World) -> No
     content = world.hub.repo("acme/tiny-model").head().files["config.json"]
     assert metalink.sha256 == hashlib.sha256(content).hexdigest()
     assert metalink.pieces == (PIECE_LENGTH, [hashlib.sha256(content).hexdigest()])
-    assert [priority for _, priority, _ in metalink.urls] == [1, 2, UPSTREAM_PRIORITY]
+    assert [priority for _, priority, _ in metalink.urls] == [1, 2]
 
 
 async def test_without_manifests_a_git_file_has_no_hash(
@@ -182,7 +184,6 @@ async def test_without_manifests_a_git_file_has_no_hash(
         assert (metalink.sha256, metalink.pieces) == (sha256, None)
         assert [u.split("/acme/")[0] for u, _, _ in metalink.urls] == [
             "https://bj.mirror.test",
-            fake_hub.url,
         ]
 
 
@@ -191,16 +192,16 @@ async def test_excluded_nodes_are_never_listed(world: World) -> None:
     metalink = await metalink_of(world, WEIGHTS + ".meta4", **FROM_BEIJING)
     assert [(u.split("/acme/")[0], p) for u, p, _ in metalink.urls] == [
         (world.mirrors["bj"].url, 1),
-        (world.hub.url, UPSTREAM_PRIORITY),
     ]
     now = time.time()
     await world.runtime.store.publish_probe(
         ProbeRecord("bj", "default", False, "timeout", None, now, None)
     )
+    # Only the node at capacity is left: the redirect's last resort is the Metalink's one source.
     metalink = await metalink_of(world, WEIGHTS + ".meta4", **FROM_BEIJING)
-    assert metalink.urls == [
-        (at(world, "upstream", world.main, "model.safetensors"), UPSTREAM_PRIORITY, None)
-    ]
+    redirect = await world.get(WEIGHTS, **FROM_BEIJING)
+    assert redirect.headers["X-Mirror-Node"] == "busy"
+    assert [(u, p) for u, p, _ in metalink.urls] == [(redirect.headers["Location"], 1)]
 
 
 async def test_bounded_node_is_a_source_only_where_its_commit_has_the_same_bytes(
@@ -218,12 +219,11 @@ async def test_bounded_node_is_a_source_only_where_its_commit_has_the_same_bytes
         (at(world, "bj", world.main, "model.safetensors"), 1),
         (at(world, "sh", world.main, "model.safetensors"), 2),
         (at(world, "lag", v1, "model.safetensors"), 3),
-        (at(world, "upstream", world.main, "model.safetensors"), UPSTREAM_PRIORITY),
     ]
     # config.json did change: v1.0's is another file.
     metalink = await metalink_of(world, CONFIG_JSON + ".meta4", **FROM_BEIJING)
     assert world.mirrors["lag"].url not in " ".join(u for u, _, _ in metalink.urls)
-    assert len(metalink.urls) == 3
+    assert len(metalink.urls) == 2
 
 
 # --------------------------------------------------------------------------- which requests
@@ -234,7 +234,11 @@ async def test_bounded_node_is_a_source_only_where_its_commit_has_the_same_bytes
     [
         (None, False),
         ("*/*", False),
-        (ARIA2_ACCEPT, True),
+        (ARIA2_ACCEPT, False),
+        ("*/*;q=0.5, application/metalink4+xml", True),
+        ("application/metalink4+xml, application/metalink+xml", True),
+        ("application/metalink4+xml;q=0.9, application/octet-stream", False),
+        ("application/metalink+xml", False),
         ("APPLICATION/METALINK4+XML", True),
         ("application/metalink4+xml;q=0", False),
         ("application/octet-stream, application/metalink4+xml;q=0.5", False),
@@ -261,7 +265,7 @@ def test_preferred_type(accept: str | None, preferred: str | None) -> None:
     assert preferred_type(accept, ("application/json", "text/html")) == preferred
 
 
-@pytest.mark.parametrize("accept", ["*/*", "application/metalink4+xml;q=0"])
+@pytest.mark.parametrize("accept", ["*/*", "application/metalink4+xml;q=0", ARIA2_ACCEPT])
 async def test_other_requests_still_get_a_redirect(world: World, accept: str) -> None:
     response = await world.get(WEIGHTS, Accept=accept, **FROM_BEIJING)
     assert response.status == 302
@@ -291,7 +295,7 @@ async def test_a_repository_meta4_file_is_served_as_a_file(
             "/acme/described/resolve/main/w.bin", headers=FROM_BEIJING, allow_redirects=False
         )
         assert weights.status == 302
-        assert "describedby" not in weights.headers["Link"]
+        assert "describedby" not in weights.headers.get("Link", "")
 
 
 @pytest.mark.parametrize("token", [None, VALID_TOKEN])
@@ -331,7 +335,6 @@ async def test_redirect_names_duplicates_and_its_metalink(world: World) -> None:
     assert response.headers["Location"] == at(world, "bj", world.main, "config.json")
     assert duplicates(response) == [
         (at(world, "sh", world.main, "config.json"), 2, "cn"),
-        (at(world, "upstream", world.main, "config.json"), UPSTREAM_PRIORITY, None),
     ]
     described = [(u, p) for u, p in links(response) if p["rel"] == "describedby"]
     meta4 = f"/acme/tiny-model/resolve/{world.main}/config.json.meta4"
@@ -352,7 +355,7 @@ OWN_LAYOUT = "{base}/files/{repo}@{revision}/{path}"
     [(None, None), (OWN_LAYOUT, None), (None, OWN_LAYOUT)],
     ids=["default-layouts", "named-node-own-layout", "unnamed-node-own-layout"],
 )
-async def test_duplicates_are_bounded_and_end_with_upstream(
+async def test_duplicates_are_bounded_and_name_no_upstream(
     aiohttp_client: AiohttpClient,
     geoip_config: GeoIPConfig,
     fake_hub: FakeHub,
@@ -384,7 +387,7 @@ async def test_duplicates_are_bounded_and_end_with_upstream(
         assert duplicates(response) == [
             (f"https://n1.mirror.test{path}", 2, "cn"),
             (n2_url, 3, "cn"),
-            (f"{fake_hub.url}{path}", UPSTREAM_PRIORITY, None),
+            (f"https://n3.mirror.test{path}", 4, "cn"),
         ], "bounded, priorities as in the Metalink"
         assert len(duplicates(response)) == ResponsesConfig().duplicate_links
         assert ("config.json.meta4" in response.headers["Link"]) is True
@@ -394,6 +397,11 @@ async def test_redirect_to_upstream_only_points_at_the_metalink(world: World) ->
     response = await world.get(CONFIG_JSON, **{"X-Forwarded-For": ASHBURN_IP})
     assert response.headers["X-Mirror-Node"] == "upstream"
     assert [p["rel"] for _, p in links(response)] == ["describedby"]
+    # Its Metalink names the one source the route allows that client.
+    metalink = await metalink_of(world, CONFIG_JSON + ".meta4", **{"X-Forwarded-For": ASHBURN_IP})
+    assert [(u, p) for u, p, _ in metalink.urls] == [
+        (at(world, "upstream", world.main, "config.json"), UPSTREAM_PRIORITY)
+    ]
 
 
 # --------------------------------------------------------------------------- formats

@@ -989,7 +989,8 @@ async def test_verify_inconclusive_is_not_a_failure(
 
 # --------------------------------------------------------------------------- SyncTracker
 
-ALL_SAMPLES = SyncConfig(interval_s=0.05, verify_samples=10)
+# Ongoing sampling alone: admission has tests of its own (tests/test_admission.py).
+ALL_SAMPLES = SyncConfig(interval_s=0.05, verify_samples=10, admission=False)
 
 
 class Clock:

@@ -33,6 +33,13 @@ repository, commit or file listed twice refuses the whole manifest with a ``Mani
 naming the JSON path of the problem (``$.repos[0].commits["1a2b..."].files[2].size``). Unknown
 keys are ignored, so nodes may publish more than this.
 
+Admission (``sync.admission``): a commit a node newly lists takes no clients until every listed
+file's size has been confirmed by a HEAD at the node (and against upstream's listing), and the
+sha256 of a sample of its files, drawn with weights by size (a broken copy of a large file is
+the likeliest and costliest), matches. Only admitted commits are published in ``holdings``, the
+data routing reads; until then, or when admission fails, the commit's clients go elsewhere.
+Ongoing sampling continues after admission.
+
 Routing rules (``servable_commit``): a node without a manifest is taken to hold everything, and
 a cache node pulls through what it lacks; a node with a manifest serves a commit it holds with
 the file, unless that commit failed verification; a ``bounded`` node asked for a moving ref may
@@ -56,7 +63,8 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Protocol, get_args
 
@@ -525,6 +533,31 @@ def pick_samples(holdings: NodeHoldings, count: int, rng: random.Random) -> list
     return samples
 
 
+def weighted_sample(
+    files: Mapping[str, tuple[int, str]], count: int, max_bytes: int, rng: random.Random
+) -> list[str]:
+    """Up to ``count`` distinct paths among ``files`` (path -> (size, sha256)) of at most
+    ``max_bytes``, each drawn with a weight of its size (Efraimidis-Spirakis keys), so the
+    largest files are the likeliest picks. Deterministic given ``rng`` and the files' order."""
+    keyed = [
+        (rng.random() ** (1.0 / (size + 1)), path)
+        for path, (size, _) in files.items()
+        if size <= max_bytes
+    ]
+    keyed.sort(reverse=True)
+    return [path for _, path in keyed[:count]]
+
+
+def admitted_view(manifest: NodeHoldings, admitted: AbstractSet[CommitKey]) -> NodeHoldings:
+    """``manifest`` with only the commits that passed admission: what routing may read."""
+    commits: dict[RepoKey, Mapping[str, CommitHolding]] = {}
+    for key, by_commit in manifest.commits.items():
+        kept = {c: h for c, h in by_commit.items() if (*key, c) in admitted}
+        if kept:
+            commits[key] = kept
+    return replace(manifest, commits=commits)
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -648,6 +681,51 @@ async def _check_sample(
     if blob is not None and blob.hexdigest() != meta.etag:
         return f"git blob sha1 mismatch for {path}"
     return None
+
+
+async def admission_failures(
+    session: aiohttp.ClientSession,
+    node: NodeConfig,
+    commit_key: CommitKey,
+    holdings: NodeHoldings,
+    catalog: CommitLookup,
+    config: SyncConfig,
+    timeout_s: float,
+    rng: random.Random,
+) -> list[tuple[Sample, str]]:
+    """The files of a newly listed commit that fail admission, with why (empty: admitted).
+
+    Every listed file is checked against upstream's listing and by a HEAD; the weighted sample
+    is also hashed. Raises _Inconclusive when upstream or the node's transport cannot tell.
+    """
+    repo_type, repo_id, commit = commit_key
+    files = holdings.commits[(repo_type, repo_id)][commit].files
+    hashed = set(weighted_sample(files, config.admission_samples, config.admission_max_bytes, rng))
+    gate = asyncio.Semaphore(config.admission_concurrency)
+
+    async def check(path: str) -> tuple[Sample, str | None]:
+        sample: Sample = (*commit_key, path)
+        # A negative hash limit makes the check stop after the HEAD.
+        limit = config.admission_max_bytes if path in hashed else -1
+        async with gate:
+            return sample, await _check_sample(
+                session, node, sample, holdings, catalog, limit, timeout_s
+            )
+
+    results = await asyncio.gather(*(check(p) for p in files), return_exceptions=True)
+    failures = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        sample, reason = result
+        if reason is not None:
+            failures.append((sample, reason))
+    return failures
+
+
+def _commit_label(commit_key: CommitKey) -> str:
+    repo_type, repo_id, commit = commit_key
+    return f"commit {_short(commit)} of {_label((repo_type, repo_id))}"
 
 
 def _describe(sample: Sample) -> str:
@@ -774,8 +852,13 @@ class SyncTracker:
         self._max_manifest_bytes = max_manifest_bytes
         self._config = config
         self._nodes: dict[str, NodeConfig] = {}
-        #: node id -> latest good manifest
+        #: node id -> latest good manifest, its commits that passed admission only: what
+        #: routing reads.
         self.holdings: dict[str, NodeHoldings] = {}
+        #: node id -> latest good manifest, as read.
+        self._manifests: dict[str, NodeHoldings] = {}
+        #: node id -> commits that passed admission (and are still listed).
+        self._admitted: dict[str, set[CommitKey]] = {}
         #: node id -> (type, repo, commit) -> why it failed verification
         self.failed: dict[str, dict[CommitKey, str]] = {}
         # node id -> (type, repo, commit) -> path -> reason: what must verify again to clear.
@@ -795,6 +878,8 @@ class SyncTracker:
             if node_id in old and old[node_id].manifest_url == node.manifest_url
         }
         self.holdings = {k: v for k, v in self.holdings.items() if k in kept}
+        self._manifests = {k: v for k, v in self._manifests.items() if k in kept}
+        self._admitted = {k: v for k, v in self._admitted.items() if k in kept}
         self.failed = {k: v for k, v in self.failed.items() if k in kept}
         self._failed_files = {k: v for k, v in self._failed_files.items() if k in kept}
         self.version += 1
@@ -825,7 +910,7 @@ class SyncTracker:
         path: str,
         now: float,
     ) -> Servable:
-        return servable_commit(
+        servable = servable_commit(
             node,
             self.holdings.get(node.id),
             self.failed_for(node.id),
@@ -836,6 +921,25 @@ class SyncTracker:
             path,
             now,
         )
+        if servable.commit is None:
+            held_back = self._held_back(node.id, (repo_type, repo_id, upstream_commit))
+            if held_back is not None:
+                return Servable(None, held_back)
+        return servable
+
+    def _held_back(self, node_id: str, commit_key: CommitKey) -> str | None:
+        """Why a commit the node lists is kept from routing (admission pending or failed), or
+        None when it is not listed or was admitted."""
+        manifest = self._manifests.get(node_id)
+        repo_type, repo_id, commit = commit_key
+        if manifest is None or commit not in manifest.commits.get((repo_type, repo_id), {}):
+            return None
+        if commit_key in self._admitted.get(node_id, set()):
+            return None
+        failure = self.failed_for(node_id).get(commit_key)
+        if failure is not None:
+            return _failed_reason(commit, failure)
+        return f"{_commit_label(commit_key)} awaits admission (sync)"
 
     def revision_check(self, pinned: FileRef, requested: str, now: float) -> FileRevisions:
         """Revision checks for one request's file (pinned to upstream's commit)."""
@@ -906,9 +1010,18 @@ class SyncTracker:
         if not self._current(node):
             return
         self._adopt(holdings)
+        if config.admission:
+            await self._admit_new_commits(session, node, holdings, config)
+            if not self._current(node) or self._manifests.get(node.id) is not holdings:
+                return
 
         retries = self._retry_samples(node.id, config.verify_samples)
         fresh = pick_samples(holdings, config.verify_samples, self._rng)
+        # A file that failed is hashed again as admission would hash it: a HEAD alone must not
+        # clear a sha256 mismatch found at admission.
+        retry_limit = max(
+            config.verify_max_bytes, config.admission_max_bytes if config.admission else 0
+        )
         for sample in [*retries, *(s for s in fresh if s not in retries)]:
             try:
                 reason = await _check_sample(
@@ -917,24 +1030,107 @@ class SyncTracker:
                     sample,
                     holdings,
                     self._catalog,
-                    config.verify_max_bytes,
+                    retry_limit if sample in retries else config.verify_max_bytes,
                     self._timeout_s,
                 )
             except _Inconclusive as exc:
                 _log.debug("node %s: could not verify %s: %s", node.id, _describe(sample), exc)
                 continue
             # A newer manifest may have arrived meanwhile (a reload, then another round).
-            if not self._current(node) or self.holdings.get(node.id) is not holdings:
+            if not self._current(node) or self._manifests.get(node.id) is not holdings:
                 return
             if reason is None:
                 self._clear(node.id, sample)
             else:
                 self._record(node.id, sample, reason)
 
+    async def _admit_new_commits(
+        self,
+        session: aiohttp.ClientSession,
+        node: NodeConfig,
+        manifest: NodeHoldings,
+        config: SyncConfig,
+    ) -> None:
+        """Admit the commits ``manifest`` lists that are not admitted yet, one at a time, all
+        within ``admission_timeout_s``; what does not finish waits for the next round."""
+        admitted = self._admitted.setdefault(node.id, set())
+        failed = self.failed_for(node.id)
+        # A commit with a failed file waits until retries clear it (``_sync_node``) rather than
+        # be admitted afresh every round on a sample that may miss the bad file.
+        pending: list[CommitKey] = [
+            (*key, commit)
+            for key, by_commit in manifest.commits.items()
+            for commit in by_commit
+            if (*key, commit) not in admitted and (*key, commit) not in failed
+        ]
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(config.admission_timeout_s):
+                for commit_key in pending:
+                    try:
+                        failures = await admission_failures(
+                            session, node, commit_key, manifest, self._catalog, config,
+                            self._timeout_s, self._rng,
+                        )  # fmt: skip
+                    except _Inconclusive as exc:
+                        _log.info(
+                            "node %s: admission of %s undecided: %s",
+                            node.id, _commit_label(commit_key), exc,
+                        )  # fmt: skip
+                        continue
+                    if not self._current(node) or self._manifests.get(node.id) is not manifest:
+                        return
+                    for sample, reason in failures:
+                        self._record(node.id, sample, reason)
+                    if not failures:
+                        admitted.add(commit_key)
+                        if node.id in self.holdings:
+                            self._publish_holdings(node.id)
+        except TimeoutError:
+            _log.warning(
+                "node %s: admission unfinished after %.0f s; the rest waits for the next round",
+                node.id,
+                config.admission_timeout_s,
+            )
+        # The first pass over a node publishes once it ends: until then the node serves nothing,
+        # rather than whichever of its commits happened to be checked first.
+        self._publish_holdings(node.id)
+        if pending:
+            _log.info(
+                "node %s: %d of %d new commits admitted in %.2f s",
+                node.id,
+                sum(1 for c in pending if c in admitted),
+                len(pending),
+                time.monotonic() - started,
+            )
+
+    def _publish_holdings(self, node_id: str) -> None:
+        """Publish what routing may read of the node's manifest: its admitted commits."""
+        manifest = self._manifests[node_id]
+        view = (
+            admitted_view(manifest, self._admitted.get(node_id, set()))
+            if self._config.admission
+            else manifest
+        )
+        previous = self.holdings.get(node_id)
+        self.holdings[node_id] = view
+        if previous is None or previous.commits != view.commits or previous.refs != view.refs:
+            self.version += 1
+
     def _adopt(self, holdings: NodeHoldings) -> None:
         node_id = holdings.node_id
-        previous = self.holdings.get(node_id)
-        self.holdings[node_id] = holdings
+        previous = self._manifests.get(node_id)
+        self._manifests[node_id] = holdings
+        # A commit the node stops listing must pass admission again if it comes back.
+        admitted = self._admitted.get(node_id)
+        if admitted is not None:
+            admitted.intersection_update(
+                (*key, commit)
+                for key, by_commit in holdings.commits.items()
+                for commit in by_commit
+            )
+        if node_id in self.holdings or not self._config.admission:
+            self._publish_holdings(node_id)
         changed = (
             previous is None
             or previous.commits != holdings.commits

@@ -31,6 +31,7 @@ from gateway.hf.paths import PathError, parse_resolve_path
 from gateway.logs import request_id
 from gateway.runtime import Runtime
 from gateway.web.connection import FastAnswer
+from gateway.web.credentials import carries_credentials
 from gateway.web.handlers import forwarding_headers, route_label
 from gateway.web.metalink import METALINK_SUFFIX, wants_metalink
 from gateway.web.plan import UpstreamOnly, plan_from_memory
@@ -92,6 +93,8 @@ def answer(runtime: Runtime, message: RawRequestMessage, peer: str | None) -> by
         ref is None
         or ref.filename.endswith(METALINK_SUFFIX)
         or wants_metalink(headers.get("Accept"))
+        # Their route depends on credentials.route: the handler's plan_route weighs it.
+        or carries_credentials(headers)
     ):
         return None
     placement = router.place(peer, forwarding_headers(headers, config.client_ip))

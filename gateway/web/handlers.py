@@ -19,12 +19,15 @@ from multidict import MultiMapping
 from gateway.config import ClientIPConfig, ServerConfig
 from gateway.geo.clientip import ForwardingHeaders
 from gateway.hf.catalog import CatalogError
+from gateway.hf.git import parse_git_path
 from gateway.hf.paths import FileRef, PathError, parse_resolve_path, resolve_path_for
 from gateway.hf.upstream import Rewrite, UpstreamError
 from gateway.logs import request_id
 from gateway.metrics import RouteLabel
 from gateway.runtime import RUNTIME, Runtime
 from gateway.web.answers import catalog_error, json_error
+from gateway.web.credentials import carries_credentials
+from gateway.web.git import serve_git
 from gateway.web.metalink import metalink_response, metalink_target
 from gateway.web.plan import UpstreamOnly, plan_route
 from gateway.web.redirect import finish_request, record_outcome, record_redirect, redirect_headers
@@ -179,6 +182,15 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     raw_path = request.rel_url.raw_path
     if raw_path.startswith(API_PREFIX):
         return await api(request)
+    try:
+        git = parse_git_path(raw_path)
+    except PathError as exc:
+        return json_error(exc.status, exc.code, exc.message)
+    if git is not None:
+        placement = router.place(
+            request.remote, forwarding_headers(request.headers, router.config.client_ip)
+        )
+        return await serve_git(request, runtime, git, placement, request[REQUEST_ID])
     ref = parsed_or_error(raw_path, router.config.server.max_path_bytes, _no_such_endpoint)
     if isinstance(ref, web.Response):
         return ref
@@ -188,9 +200,12 @@ async def resolve(request: web.Request) -> web.StreamResponse:
         request.remote, forwarding_headers(request.headers, router.config.client_ip)
     )
     location = placement.location
+    credentials = router.config.credentials.route if carries_credentials(request.headers) else None
     try:
         target, as_metalink = await metalink_target(runtime, ref, request.headers.get("Accept"))
-        plan = await plan_route(runtime, target, placement, explain=as_metalink)
+        plan = await plan_route(
+            runtime, target, placement, explain=as_metalink, credentials=credentials
+        )
     except UpstreamOnly:
         # Private and gated files need the client's token: only upstream may see it.
         _remember(

@@ -2,14 +2,16 @@
 
 A resolve request gets a Metalink instead of a redirect when it asks for one: by appending
 ``.meta4`` to the file's path (when the repository has the file and no file of the suffixed
-name), or by preferring ``application/metalink4+xml`` in ``Accept`` (aria2 lists it). The
-Metalink names the nodes the policy accepted for the client, best first, then upstream, with the
-file's size, sha256 and, when a node publishes them, piece hashes: a client such as aria2 then
-takes pieces from several nodes and fetches a bad piece again from another one. Redirects carry a
-few of the same sources as ``Link: rel=duplicate`` and point at the Metalink with
-``rel=describedby``. All of it comes from the one routing ``Plan``, so a node the policy excluded
-(down, draining, lagging, failing verification...) is never named. Private and gated files never
-get here: they are upstream's alone.
+name), or by an ``Accept`` that weighs ``application/metalink4+xml`` above everything else it
+names (aria2's default header only lists it beside ``*/*``, and gets the redirect). The
+Metalink names the sources the client's route allows: the nodes the policy accepted for it, best
+first, or upstream when no node may serve it (a client routed to nodes is never sent upstream
+for pieces), with the file's size, sha256 and, when a node publishes them, piece hashes: a
+client such as aria2 then takes pieces from several nodes and fetches a bad piece again from
+another one. Redirects carry a few of the same sources as ``Link: rel=duplicate`` and point at
+the Metalink with ``rel=describedby``. All of it comes from the one routing ``Plan``, so a node
+the policy excluded (down, draining, lagging, failing verification...) is never named. Private
+and gated files never get here: they are upstream's alone.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from gateway.web.plan import Plan, revision_of
 
 METALINK_TYPE = "application/metalink4+xml"
 METALINK_SUFFIX = ".meta4"
+#: Both Metalink versions' media types: neither competes with the other in ``Accept``.
+_METALINK_TYPES = frozenset({METALINK_TYPE, "application/metalink+xml"})
 NAMESPACE = "urn:ietf:params:xml:ns:metalink"
 
 
@@ -98,17 +102,20 @@ def preferred_type(accept: str | None, offers: Sequence[str]) -> str | None:
 
 
 def wants_metalink(accept: str | None) -> bool:
-    """Whether ``accept`` names the Metalink type and weighs it no less than the file itself.
+    """Whether ``accept`` prefers the Metalink type to everything else it names.
 
-    Only a client that names the type can read it: ``*/*`` alone gets the redirect, and aria2's
-    ``*/*,application/metalink4+xml`` the Metalink.
+    A tie is not a preference: aria2 sends ``*/*,application/metalink4+xml,...`` on every
+    request, also when it cannot use a Metalink (``--follow-metalink=false``, ``-o NAME``), and
+    would save the document under the file's name; so it gets the redirect. Metalink 3
+    (``application/metalink+xml``) is neither served nor counted against version 4.
     """
     # The substring test spares the parse for nearly every request, which never mentions it.
     if accept is None or "metalink4" not in accept.lower():
         return False
     ranges = _media_ranges(accept)
-    named = next((weight for media, weight in ranges if media == METALINK_TYPE), 0.0)
-    return named > 0 and named >= _quality(ranges, "application/octet-stream")
+    named = max((weight for media, weight in ranges if media == METALINK_TYPE), default=0.0)
+    others = (w for media, w in ranges if media not in _METALINK_TYPES)
+    return named > 0 and named > max(others, default=0.0)
 
 
 async def metalink_target(
@@ -162,8 +169,10 @@ def _node_sources(runtime: Runtime, plan: Plan) -> Iterator[Source]:
     ref = plan.ref
     at_commit: dict[str, FileRef] = {}
     priority = 0
-    for candidate in plan.route.decision.candidates:
-        node = candidate.node
+    decision = plan.route.decision
+    # A node taken as the last resort (every node at capacity) is the decision's only one.
+    nodes = [c.node for c in decision.candidates] or [n for n in (decision.node,) if n]
+    for node in nodes:
         commit = plan.node_revisions.get(node.id, plan.revision.commit)
         if _same_file(runtime, plan, commit):
             priority += 1
@@ -186,8 +195,11 @@ def _upstream_source(runtime: Runtime, plan: Plan) -> Source:
 
 
 def sources(runtime: Runtime, plan: Plan) -> list[Source]:
-    """The nodes the policy accepted, best first, each at the commit it serves, then upstream."""
-    return [*_node_sources(runtime, plan), _upstream_source(runtime, plan)]
+    """Where the client's route allows it to fetch the file: the nodes the policy accepted,
+    best first, each at the commit it serves; upstream only when no node may serve it."""
+    if plan.route.decision.node is None:
+        return [_upstream_source(runtime, plan)]
+    return list(_node_sources(runtime, plan))
 
 
 def _listed(runtime: Runtime, plan: Plan) -> Iterator[tuple[str, Pieces | None]]:
@@ -281,14 +293,15 @@ def links_metalink(listing: Mapping[str, FileMeta] | None, filename: str) -> boo
 
 
 def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
-    """RFC 6249 links for a redirect: up to ``limit`` other sources (the last one upstream, the
-    source every client can fall back on) and the Metalink, or None when there is nothing."""
+    """RFC 6249 links for a redirect: up to ``limit`` other nodes the Metalink names (never
+    upstream, which a client routed to a node is not sent to) and the Metalink, or None when
+    there is nothing."""
     route, ref = plan.route, plan.ref
     links = []
     chosen = route.decision.node
     if chosen is not None and limit > 0:
         others = (s for s in _node_sources(runtime, plan) if s.node_id != chosen.id)
-        for source in [*islice(others, limit - 1), _upstream_source(runtime, plan)]:
+        for source in islice(others, limit):
             links.append(_duplicate(source.url, source.priority, source.location))
     if links_metalink(_listing(runtime, plan, route.revision), ref.filename):
         links.append(_describedby_link(ref.with_revision(route.revision)))

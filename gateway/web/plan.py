@@ -11,10 +11,12 @@ import time
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from gateway.config import CredentialedRoute
 from gateway.hf.catalog import FileMeta, RepoRevision, entry_for
 from gateway.hf.paths import FileRef
 from gateway.routing.router import Placement, Route
 from gateway.runtime import Runtime
+from gateway.web.credentials import CredentialedRevisions
 
 
 class UpstreamOnly(Exception):
@@ -51,9 +53,12 @@ def _routed(
     placement: Placement,
     now: float | None,
     explain: bool,
+    credentials: CredentialedRoute | None = None,
 ) -> tuple[Route, FileMeta, Mapping[str, str], float]:
     """The route for a revision in hand, the file's entry at the upstream commit, the nodes'
-    other commits and the decision time. Raises ``UpstreamOnly`` and ``CatalogError``."""
+    other commits and the decision time. Raises ``UpstreamOnly`` and ``CatalogError``.
+
+    ``credentials``: the request carries credentials, routed as this setting allows."""
     if revision.upstream_only:
         raise UpstreamOnly
     meta = entry_for(revision, ref.filename)
@@ -61,11 +66,12 @@ def _routed(
     revisions = runtime.sync.revision_check(
         pinned, ref.revision, time.time() if now is None else now
     )
+    check = revisions if credentials is None else CredentialedRevisions(revisions, credentials)
     store = runtime.store
     started = time.perf_counter()
     live = store.live
     route = runtime.router.route(
-        pinned, placement, live.statuses, store.redirects.current, revisions,
+        pinned, placement, live.statuses, store.redirects.current, check,
         version=live.version, explain=explain,
     )  # fmt: skip
     return route, meta, revisions.other_commits, time.perf_counter() - started
@@ -78,12 +84,16 @@ async def plan_route(
     *,
     now: float | None = None,
     explain: bool = False,
+    credentials: CredentialedRoute | None = None,
 ) -> Plan:
     """Raises ``CatalogError`` (unknown repo, revision or file; upstream unavailable) and
     ``UpstreamOnly``. ``explain``: weigh every node and keep every exclusion (explain,
-    Metalink), not just the nodes a redirect needs."""
+    Metalink), not just the nodes a redirect needs. ``credentials``: the request carries
+    credentials (``credentials.route`` says where they may go)."""
     revision = await revision_of(runtime, ref)
-    route, meta, others, seconds = _routed(runtime, ref, revision, placement, now, explain)
+    route, meta, others, seconds = _routed(
+        runtime, ref, revision, placement, now, explain, credentials
+    )
     if route.revision != revision.commit:
         older = await revision_of(runtime, ref.with_revision(route.revision))
         meta = entry_for(older, ref.filename)
