@@ -282,7 +282,10 @@ async def test_reconfigure_fetches_the_shared_state_of_new_nodes(
     writer = await make_store(redis_url, "writer", nodes=(*NODES, NODE_C))
     reader = await make_store(redis_url, "reader")
     await writer.set_admin(AdminRecord("c", "draining", changed_at=1.0))
-    await asyncio.sleep(0.1)  # the event reached the reader, which had no node c to apply it to
+    # Events arrive in order: once a later one for node a is applied, the one for c reached
+    # the reader too, which had no node c to apply it to.
+    await writer.set_admin(AdminRecord("a", "draining", changed_at=2.0))
+    await eventually(lambda: reader.live.admin_mode("a") == "draining", "the later event on reader")
     assert "c" not in reader.live.statuses
 
     reader.reconfigure((*NODES, NODE_C))

@@ -226,6 +226,8 @@ class MemoryFigure:
     #: RSS after the hostile pass, and what that pass got.
     rss_after_hostile: float = 0.0
     hostile: load.HostileReport | None = None
+    #: The load run again after the hostile pass filled the caches with strangers.
+    load_after_hostile: Measured | None = None
     failures: list[str] = field(default_factory=list)
     warnings: Counter[str] = field(default_factory=Counter)
 
@@ -454,6 +456,11 @@ class Bench:
             unexpected = set(figure.hostile.statuses) - {302, 404}
             if unexpected:
                 figure.failures.append(f"hostile pass answers: {dict(figure.hostile.statuses)}")
+            progress(f"{label}: load run after the hostile pass")
+            after = self.measure(gateway, min(self.options.duration_s, 5.0), data)
+            figure.load_after_hostile = after
+            if after.result.error_total:
+                figure.failures.append(f"run after hostile: {after.result.describe_errors()}")
         finally:
             self.processes.stop(gateway)
             figure.warnings = gateway.log_warnings(EXPECTED_WARNINGS)
@@ -817,6 +824,14 @@ def print_memory(memory: MemoryFigure) -> None:
         "  (RSS keeps memory freed after start-up, e.g. by parsing the config, so a step can "
         "grow into it unseen)"
     )
+    if memory.load is not None and memory.load_after_hostile is not None:
+        before, after = memory.load.result.rps, memory.load_after_hostile.result.rps
+        lines.append(
+            f"  throughput after the hostile pass: {after:,.0f} req/s, "
+            f"{after / before:.0%} of the {before:,.0f} req/s before it"
+            if before
+            else "  throughput after the hostile pass: no figure before it"
+        )
     lines += [f"  FAILED: {failure}" for failure in memory.failures]
     lines += [f"  [WARN] gateway logged {n}x {m}" for m, n in memory.warnings.most_common(5)]
     print("\n".join(lines), flush=True)
