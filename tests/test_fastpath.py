@@ -25,7 +25,7 @@ from gateway.config import GeoIPConfig
 from gateway.geo.locator import MaxMindLocator
 from gateway.routing.router import Router
 from gateway.runtime import RUNTIME
-from gateway.state.sync import CommitHolding, NodeHoldings
+from gateway.state.manifest import CommitHolding, NodeHoldings
 from gateway.web import connection
 from gateway.web.app import create_app
 from gateway.web.connection import FastAnswer

@@ -36,7 +36,7 @@ from test_http import gateway_config
 
 from gateway.config import GeoIPConfig, ResponsesConfig
 from gateway.state.live import ProbeRecord
-from gateway.state.sync import ManifestError, Pieces, parse_manifest
+from gateway.state.manifest import ManifestError, Pieces, parse_manifest
 from gateway.web.metalink import (
     METALINK_TYPE,
     UPSTREAM_PRIORITY,

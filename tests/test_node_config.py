@@ -25,7 +25,7 @@ from gateway.node.settings import (
 )
 from gateway.node.store import CommitRecord, FileRecord, RepoRecord
 from gateway.node.verify import window
-from gateway.state.sync import MAX_MANIFEST_BYTES, parse_manifest
+from gateway.state.manifest import MAX_MANIFEST_BYTES, parse_manifest
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "node.yaml"
 

@@ -24,20 +24,22 @@ from hypothesis import strategies as st
 from gateway.config import Freshness, NodeConfig, SyncConfig
 from gateway.hf.catalog import CatalogError, FileMeta, RepoRevision, is_commit_sha
 from gateway.hf.paths import RepoType, parse_resolve_path
-from gateway.state.sync import (
-    MANIFEST_NOT_READ,
-    USER_AGENT,
+from gateway.state.manifest import (
     CommitHolding,
     CommitKey,
     ManifestError,
     NodeHoldings,
     RepoKey,
+    parse_manifest,
+)
+from gateway.state.sync import (
+    MANIFEST_NOT_READ,
+    USER_AGENT,
     Servable,
     SyncTracker,
     fetch_manifest,
     holds_exactly,
     new_session,
-    parse_manifest,
     pick_samples,
     servable_commit,
     verify_sample,

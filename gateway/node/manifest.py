@@ -1,4 +1,4 @@
-"""The node manifest the gateway reads (format: gateway/state/sync.py), built from records.
+"""The node manifest the gateway reads (format: gateway/state/manifest.py), built from records.
 
 A commit is listed only when its record is sound (not broken, not retired) and every file it
 records is on disk under the published tree with its recorded size: a manifest never names a

@@ -30,7 +30,7 @@ from gateway.hf.paths import FileRef, resolve_path_for
 from gateway.hf.targets import node_url, upstream_url
 from gateway.routing.router import PRIVATE_CACHE_CONTROL
 from gateway.runtime import Runtime
-from gateway.state.sync import Pieces
+from gateway.state.manifest import Pieces
 from gateway.web.plan import Plan, revision_of
 
 METALINK_TYPE = "application/metalink4+xml"
