@@ -65,7 +65,7 @@ class ServerConfig:
     #: The gateway's own public base URL, used in pagination links it hands out. Unset: taken
     #: from each request's Host.
     public_url: str | None = None
-    #: Answer plain redirects straight from the connection (``fastlane``); off, every request
+    #: Answer plain redirects straight from the connection (``web.fastpath``); off, every request
     #: goes through aiohttp's handlers. The answers are the same.
     fast_path: bool = True
     #: After SIGTERM, /readyz answers 503 this long while everything else is served as usual,

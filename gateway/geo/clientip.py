@@ -136,8 +136,7 @@ _CHAIN_READERS: Mapping[ForwardedHeader, tuple[ClientIPSource, _EntryParser]] = 
 
 
 class ForwardingHeaders(NamedTuple):
-    """The request headers the resolver may read, as the HTTP layer found them (a tuple,
-    hashed in C as part of the memo key)."""
+    """The request headers the resolver may read, as the HTTP layer found them."""
 
     #: Every value of the configured forwarding header, in arrival order (a header may repeat).
     forwarded: tuple[str, ...] = ()

@@ -319,7 +319,7 @@ def _holds(live: LiveState, record: Record) -> bool:
     # LiveState shows only the mode of its admin record. The mode is enough: once ``record`` was
     # applied (or refused as older) the slot only ever takes newer records, which applying
     # ``record`` again would not undo, and one with the same mode and time is ``record`` itself.
-    # A node dropped from the config loses its records and its memo entries together.
+    # A node dropped from the config loses its records and its resync entries together.
     return live.admin_mode(record.node_id) == record.mode
 
 
@@ -548,8 +548,8 @@ class RedisStore:
         #: Per Redis key, the hash a resync last decoded there and the record it made of it. A
         #: resync skips a key whose hash is unchanged while ``live`` still holds that record:
         #: applying it again would change nothing. Comparing with ``live`` rather than trusting
-        #: the memo alone keeps that true whatever was applied meanwhile (events, local writes,
-        #: estimates), so the memo survives reconnects. Only configured nodes' keys are kept.
+        #: these entries alone keeps that true whatever was applied meanwhile (events, local
+        #: writes, estimates), so they survive reconnects. Only configured nodes' keys are kept.
         self._applied: dict[str, tuple[dict[bytes, bytes], Record]] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
