@@ -186,10 +186,10 @@ def _serve(args: argparse.Namespace) -> int:
     listener = configure_logging(args.log_level, config.logging.format)
     try:
         if args.workers > 1 and not args.as_worker:
-            if not config.redis.url:
+            if not config.redis.enabled:
                 log.warning(
-                    "%d workers without redis.url: each worker keeps its own node state, "
-                    "probes for itself and takes admin changes alone; set redis.url",
+                    "%d workers without redis.url or redis.sentinel: each worker keeps its own "
+                    "node state, probes for itself and takes admin changes alone; set one",
                     args.workers,
                 )
             worker_argv = [
