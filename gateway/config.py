@@ -22,7 +22,7 @@ from gateway.geo.countries import CONTINENTS, lookup_country
 CONFIG_ENV_VAR = "MIRROR_GATEWAY_CONFIG"
 VANTAGE_ENV_VAR = "MIRROR_GATEWAY_VANTAGE"
 ADMIN_TOKEN_ENV_VAR = "MIRROR_GATEWAY_ADMIN_TOKEN"
-#: Passwords of a Sentinel-managed Redis, for deployments that keep them out of the config file
+#: Passwords of Redis and of its sentinels, for deployments that keep them out of the config file
 #: (a Kubernetes Secret in the environment, the config in a ConfigMap). The YAML keys win.
 REDIS_PASSWORD_ENV_VAR = "MIRROR_GATEWAY_REDIS_PASSWORD"
 SENTINEL_PASSWORD_ENV_VAR = "MIRROR_GATEWAY_REDIS_SENTINEL_PASSWORD"
@@ -171,8 +171,6 @@ class SentinelConfig:
     master_name: str
     #: ``(host, port)`` of each sentinel; any one that answers is enough.
     addresses: tuple[tuple[str, int], ...]
-    #: AUTH password of the primary and its replicas.
-    password: str | None = None
     #: AUTH password of the sentinels themselves (``requirepass`` in sentinel.conf).
     sentinel_password: str | None = None
     db: int = 0
@@ -186,6 +184,8 @@ class RedisConfig:
     url: str | None = None
     #: Instead of ``url``: a Sentinel-managed primary. At most one of the two is set.
     sentinel: SentinelConfig | None = None
+    #: AUTH password of the Redis server(s), for either way; a password in ``url`` wins.
+    password: str | None = None
     key_prefix: str = "mg:"
     connect_timeout_s: float = 1.0
     #: Every Redis command gives up after this long; the gateway then runs on its snapshot.
@@ -593,7 +593,6 @@ def _sentinel(s: _Section) -> SentinelConfig:
     return SentinelConfig(
         master_name=master_name,
         addresses=addresses,
-        password=s.get("password", os.environ.get(REDIS_PASSWORD_ENV_VAR) or None, _str),
         sentinel_password=s.get(
             "sentinel_password", os.environ.get(SENTINEL_PASSWORD_ENV_VAR) or None, _str
         ),
@@ -619,6 +618,7 @@ def _redis(s: _Section) -> RedisConfig:
     return RedisConfig(
         url=url,
         sentinel=sentinel,
+        password=s.get("password", os.environ.get(REDIS_PASSWORD_ENV_VAR) or None, _str),
         key_prefix=s.get("key_prefix", d.key_prefix, _str),
         connect_timeout_s=s.get("connect_timeout_s", d.connect_timeout_s, _float(0.01, 60.0)),
         command_timeout_s=s.get("command_timeout_s", d.command_timeout_s, _float(0.01, 60.0)),

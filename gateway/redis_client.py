@@ -47,6 +47,8 @@ def open_redis(config: RedisConfig, *, health_check_interval: float = 0) -> Redi
     degrades and, after reconnecting, resyncs what it may have missed.
     """
     common: dict[str, Any] = {
+        # redis-py lets a password in the URL override this one.
+        "password": config.password,
         "socket_connect_timeout": config.connect_timeout_s,
         "socket_timeout": config.command_timeout_s,
         "health_check_interval": health_check_interval,
@@ -71,7 +73,6 @@ def open_redis(config: RedisConfig, *, health_check_interval: float = 0) -> Redi
     client = manager.master_for(
         sentinel.master_name,
         redis_class=SentinelRedis,
-        password=sentinel.password,
         db=sentinel.db,
         **common,
         **tls,

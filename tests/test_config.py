@@ -218,13 +218,12 @@ def test_sentinel_settings_and_passwords_from_the_environment(
     assert config.redis.sentinel == SentinelConfig(
         master_name="gw",
         addresses=(("10.0.0.5", 26379), ("::1", 26380)),
-        password="from-env",
         sentinel_password="sentinel-env",
     )
+    assert config.redis.password == "from-env"
     # A password in the file wins over the environment.
-    config = config_from_mapping({"redis": {"sentinel": {**sentinel, "password": "file"}}})
-    assert config.redis.sentinel is not None
-    assert config.redis.sentinel.password == "file"
+    config = config_from_mapping({"redis": {"url": "redis://r:6379/0", "password": "file"}})
+    assert config.redis.password == "file"
     assert not config_from_mapping(None).redis.enabled
 
 
