@@ -17,8 +17,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-
-from tests.processes import REPO
+from processes import REPO
 
 CHART = REPO / "helm" / "mirror-gateway"
 HELM = REPO / ".tools" / "bin" / "helm"
