@@ -40,6 +40,16 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
+def _started(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether the process answers PING within ``START_TIMEOUT_S`` (False: it died or hung)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _answers_ping(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class RedisServer:
     """One ``redis-server`` process on ``127.0.0.1:port``, without persistence.
 
@@ -76,14 +86,11 @@ class RedisServer:
                  "--appendonly", "no", "--dir", str(self.dir), *self.args],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_ping(self.port):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(
-                    f"redis-server did not start on port {self.port}:\n{self.log.read_text()}"
-                )
-            time.sleep(0.01)
+        if not _started(self._process, self.port):
+            self.kill()
+            raise AssertionError(
+                f"redis-server did not start on port {self.port}:\n{self.log.read_text()}"
+            )
 
     def stop(self) -> None:
         """SIGTERM, as an orderly shutdown; waits for the process to exit."""
@@ -171,14 +178,11 @@ class RedisSentinel:
             self._process = subprocess.Popen(
                 [binary, str(self.conf)], stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_ping(self.port):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(
-                    f"redis-sentinel did not start on port {self.port}:\n{self.log.read_text()}"
-                )
-            time.sleep(0.01)
+        if not _started(self._process, self.port):
+            self.stop()
+            raise AssertionError(
+                f"redis-sentinel did not start on port {self.port}:\n{self.log.read_text()}"
+            )
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,6 @@ from live_gateways import (
 )
 from mirror_node import MirrorNode
 from processes import REPO, GatewayProcess, wait_until
-
-
-@pytest.fixture
-def nodes() -> Iterator[dict[str, MirrorNode]]:
-    started = {"bj": MirrorNode("bj"), "sh": MirrorNode("sh")}
-    yield started
-    for node in started.values():
-        node.stop()
-
 
 MakeConfig = Callable[..., dict[str, Any]]
 

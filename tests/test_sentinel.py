@@ -124,14 +124,6 @@ def sentinel_redis(tmp_path: Path) -> Iterator[RedisWithSentinels]:
         cluster.stop()
 
 
-@pytest.fixture
-def nodes() -> Iterator[dict[str, MirrorNode]]:
-    started = {"bj": MirrorNode("bj"), "sh": MirrorNode("sh")}
-    yield started
-    for node in started.values():
-        node.stop()
-
-
 def sentinel_store(cluster: RedisWithSentinels, password: str) -> RedisStore:
     addresses = tuple(("127.0.0.1", sentinel.port) for sentinel in cluster.sentinels)
     config = RedisConfig(
