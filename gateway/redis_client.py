@@ -70,13 +70,12 @@ def open_redis(config: RedisConfig, *, health_check_interval: float = 0) -> Redi
             **tls,
         },
     )
-    client = manager.master_for(
+    client: SentinelRedis = manager.master_for(
         sentinel.master_name,
         redis_class=SentinelRedis,
         db=sentinel.db,
         **common,
         **tls,
     )
-    assert isinstance(client, SentinelRedis)
     client.sentinel_manager = manager
     return client
