@@ -8,6 +8,7 @@ gateway config goes through the real ``mirror-gateway check-config``.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -294,6 +295,35 @@ def test_schema_describes_every_default_value() -> None:
                 walk(value, entry, where)
 
     walk(values_of(CHART / "values.yaml"), schema, "")
+
+
+def render_notes(tmp_path: Path, *args: str) -> str:
+    """NOTES.txt as helm renders it (``helm template`` leaves it out, and ``install --dry-run``
+    needs a cluster): in a copy of the chart, as the data of a ConfigMap."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text(
+        '{{- define "notes" -}}\n' + notes + "\n{{- end }}\n"
+    )
+    (chart / "templates" / "notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: |\n    {{- include "notes" . | nindent 4 }}\n'
+    )
+    result = helm("template", "gw", str(chart), "--show-only", "templates/notes.yaml", *args)
+    assert result.returncode == 0, result.stderr
+    return str(yaml.safe_load(result.stdout)["data"]["notes"])
+
+
+def test_notes_say_how_to_check_it_and_warn_without_redis(tmp_path: Path) -> None:
+    notes = render_notes(tmp_path)
+    assert "rollout status deployment/gw-mirror-gateway" in notes
+    assert "/readyz" in notes
+    assert "mirror-gateway explain" in notes
+    assert "WARNING: several workers or pods but no Redis" in notes
+    shared = render_notes(tmp_path / "url", "--set", "redis.url=redis://r:6379/0")
+    assert "WARNING" not in shared
 
 
 def chart_app_version() -> str:
