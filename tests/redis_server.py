@@ -130,7 +130,8 @@ class RedisSentinel:
     """One ``redis-sentinel`` process on ``127.0.0.1:port`` watching one primary.
 
     Short timeouts, so that a test's failover takes seconds: the primary is taken as down after
-    ``down_after_ms`` without an answer, and a failed failover is retried soon.
+    ``down_after_ms`` without an answer, and a failed failover is retried soon. ``settings``:
+    more sentinel.conf lines (TLS...).
     """
 
     def __init__(
@@ -144,12 +145,13 @@ class RedisSentinel:
         auth_pass: str | None = None,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
+        settings: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.dir = directory
         self.log = directory / "redis-sentinel.log"
         self.conf = directory / "sentinel.conf"
-        settings = [
+        lines = [
             f"port {port}",
             "bind 127.0.0.1",
             f"dir {directory}",
@@ -159,8 +161,8 @@ class RedisSentinel:
             f"sentinel parallel-syncs {master_name} 1",
         ]
         if auth_pass is not None:
-            settings.append(f"sentinel auth-pass {master_name} {auth_pass}")
-        self._settings = settings
+            lines.append(f"sentinel auth-pass {master_name} {auth_pass}")
+        self._settings = [*lines, *settings]
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -10,6 +10,7 @@ reaches the other within ``PROPAGATION_S``, as with a single Redis.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -124,10 +125,20 @@ def sentinel_redis(tmp_path: Path) -> Iterator[RedisWithSentinels]:
         cluster.stop()
 
 
-def sentinel_store(cluster: RedisWithSentinels, password: str) -> RedisStore:
-    addresses = tuple(("127.0.0.1", sentinel.port) for sentinel in cluster.sentinels)
+def sentinel_store(
+    addresses: tuple[tuple[str, int], ...],
+    *,
+    password: str | None = None,
+    tls_ca_file: Path | None = None,
+) -> RedisStore:
+    """A store (not started) of the primary the sentinels at ``addresses`` name."""
     config = RedisConfig(
-        sentinel=SentinelConfig(master_name=MASTER, addresses=addresses),
+        sentinel=SentinelConfig(
+            master_name=MASTER,
+            addresses=addresses,
+            tls=tls_ca_file is not None,
+            tls_ca_file=tls_ca_file,
+        ),
         password=password,
         key_prefix="t:",
         connect_timeout_s=1.0,
@@ -138,10 +149,14 @@ def sentinel_store(cluster: RedisWithSentinels, password: str) -> RedisStore:
     return RedisStore(live, RedirectCounter(), config, StateConfig(), nodes, instance_id="t")
 
 
+def sentinel_addresses(cluster: RedisWithSentinels) -> tuple[tuple[str, int], ...]:
+    return tuple(("127.0.0.1", sentinel.port) for sentinel in cluster.sentinels)
+
+
 async def test_store_finds_the_primary_through_the_sentinels(
     sentinel_redis: RedisWithSentinels,
 ) -> None:
-    store = sentinel_store(sentinel_redis, PASSWORD)
+    store = sentinel_store(sentinel_addresses(sentinel_redis), password=PASSWORD)
     await store.start()
     try:
         assert store.degraded_reason is None
@@ -155,13 +170,92 @@ async def test_store_finds_the_primary_through_the_sentinels(
     finally:
         primary.close()
 
-    refused = sentinel_store(sentinel_redis, "not-the-password")
+    refused = sentinel_store(sentinel_addresses(sentinel_redis), password="not-the-password")
     await refused.start()
     try:
         assert refused.degraded_reason is not None
         assert "invalid username-password" in refused.degraded_reason.lower()
     finally:
         await refused.close()
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A test CA and a certificate for 127.0.0.1 signed by it, made with the openssl CLI."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {name: directory / name for name in ("ca.crt", "ca.key", "server.crt", "server.key")}
+    san = directory / "san.cnf"
+    san.write_text("subjectAltName=IP:127.0.0.1\n")
+    commands = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+         "-keyout", str(files["ca.key"]), "-out", str(files["ca.crt"])],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(files["server.key"]), "-out", str(directory / "server.csr")],
+        ["x509", "-req", "-days", "1", "-in", str(directory / "server.csr"),
+         "-CA", str(files["ca.crt"]), "-CAkey", str(files["ca.key"]), "-CAcreateserial",
+         "-extfile", str(san), "-out", str(files["server.crt"])],
+    ]  # fmt: skip
+    for command in commands:
+        subprocess.run(["openssl", *command], capture_output=True, check=True, timeout=60)
+    return files
+
+
+async def test_sentinel_and_primary_over_tls(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "tls")
+    tls = {
+        "tls-cert-file": certs["server.crt"],
+        "tls-key-file": certs["server.key"],
+        "tls-ca-cert-file": certs["ca.crt"],
+        "tls-auth-clients": "no",
+    }
+    # Each process keeps a plaintext port too, for the fixtures' readiness PING only.
+    primary_tls_port = free_port()
+    primary = RedisServer(
+        free_port(),
+        tmp_path / "primary",
+        [
+            "--tls-port",
+            str(primary_tls_port),
+            *(a for k, v in tls.items() for a in (f"--{k}", str(v))),
+        ],
+    )
+    sentinel_tls_port = free_port()
+    sentinel = RedisSentinel(
+        free_port(),
+        tmp_path / "sentinel",
+        master_name=MASTER,
+        primary_port=primary_tls_port,
+        quorum=1,
+        settings=[
+            f"tls-port {sentinel_tls_port}",
+            "tls-replication yes",  # sentinel talks TLS to the primary too
+            *(f"{k} {v}" for k, v in tls.items()),
+        ],
+    )
+    primary.start()
+    try:
+        sentinel.start()
+        try:
+            addresses = (("127.0.0.1", sentinel_tls_port),)
+            store = sentinel_store(addresses, tls_ca_file=certs["ca.crt"])
+            await store.start()
+            try:
+                assert store.degraded_reason is None
+                await store.set_admin(AdminRecord("n1", "disabled", changed_at=1.0))
+            finally:
+                await store.close()
+            with redis.Redis(port=primary.port, socket_timeout=5) as plain:
+                assert plain.hget("t:admin:n1", "mode") == b"disabled"
+            # Without tls the same sentinel cannot be spoken to: the setting is what did it.
+            plaintext = sentinel_store(addresses)
+            await plaintext.start()
+            try:
+                assert plaintext.degraded_reason is not None
+            finally:
+                await plaintext.close()
+        finally:
+            sentinel.stop()
+    finally:
+        primary.stop()
 
 
 class SteadyLoad:
