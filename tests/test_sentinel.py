@@ -6,6 +6,9 @@ within ``FAILOVER_BOUND_S`` (the sentinels need ``DOWN_AFTER_MS`` to call the pr
 a second or two to elect a leader and promote the replica; the store then reconnects within
 its backoff, at most 5 s, and resyncs). From then on an admin change through either instance
 reaches the other within ``PROPAGATION_S``, as with a single Redis.
+
+Also here: the primary's password from the environment (as the Helm chart passes it), a wrong
+one refused, and sentinel and primary reached over TLS with ``redis.sentinel.tls_ca_file``.
 """
 
 from __future__ import annotations
