@@ -198,10 +198,10 @@ def _serve(args: argparse.Namespace) -> int:
             # What every worker opens, opened once here: a worker that cannot start must not
             # be started again and again.
             check_resources(config)
-            if not config.redis.url:
+            if not config.redis.enabled:
                 log.warning(
-                    "%d workers without redis.url: each worker keeps its own node state, "
-                    "probes for itself and takes admin changes alone; set redis.url",
+                    "%d workers without redis.url or redis.sentinel: each worker keeps its own "
+                    "node state, probes for itself and takes admin changes alone; set one",
                     args.workers,
                 )
             worker_argv = [

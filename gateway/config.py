@@ -22,6 +22,10 @@ from gateway.geo.countries import CONTINENTS, lookup_country
 CONFIG_ENV_VAR = "MIRROR_GATEWAY_CONFIG"
 VANTAGE_ENV_VAR = "MIRROR_GATEWAY_VANTAGE"
 ADMIN_TOKEN_ENV_VAR = "MIRROR_GATEWAY_ADMIN_TOKEN"
+#: Passwords of Redis and of its sentinels, for deployments that keep them out of the config file
+#: (a Kubernetes Secret in the environment, the config in a ConfigMap). The YAML keys win.
+REDIS_PASSWORD_ENV_VAR = "MIRROR_GATEWAY_REDIS_PASSWORD"
+SENTINEL_PASSWORD_ENV_VAR = "MIRROR_GATEWAY_REDIS_SENTINEL_PASSWORD"
 
 NodeKind = Literal["mirror", "cache", "third_party"]
 ForwardedHeader = Literal["x-forwarded-for", "forwarded", "none"]
@@ -204,12 +208,37 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SentinelConfig:
+    """A Redis primary found through Redis Sentinel, followed across failovers."""
+
+    #: The name the sentinels monitor the primary under (``sentinel monitor <name> ...``).
+    master_name: str
+    #: ``(host, port)`` of each sentinel; any one that answers is enough.
+    addresses: tuple[tuple[str, int], ...]
+    #: AUTH password of the sentinels themselves (``requirepass`` in sentinel.conf).
+    sentinel_password: str | None = None
+    db: int = 0
+    #: TLS to the sentinels and to the primary; ``tls_ca_file`` verifies their certificates.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None = None
+    #: Instead of ``url``: a Sentinel-managed primary. At most one of the two is set.
+    sentinel: SentinelConfig | None = None
+    #: AUTH password of the Redis server(s), for either way; a password in ``url`` wins.
+    password: str | None = None
     key_prefix: str = "mg:"
     connect_timeout_s: float = 1.0
     #: Every Redis command gives up after this long; the gateway then runs on its snapshot.
     command_timeout_s: float = 0.5
+
+    @property
+    def enabled(self) -> bool:
+        """Whether live state is shared through Redis (by URL or through Sentinel)."""
+        return self.url is not None or self.sentinel is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,13 +632,60 @@ def _git(s: _Section) -> GitConfig:
     )
 
 
+def _host_port(value: object, key: str) -> tuple[str, int]:
+    text = _str(value, key)
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            f"{key}: {_show(value)} is not host:port (e.g. 10.0.0.5:26379, [::1]:26379)"
+        )
+    return host, int(port)
+
+
+def _sentinel(s: _Section) -> SentinelConfig:
+    master_name = s.get("master_name", None, _str)
+    if master_name is None:
+        raise ConfigError(f"{s.key('master_name')}: required: the name the sentinels monitor")
+    addresses = s.get("addresses", (), _each(_host_port))
+    if not addresses:
+        raise ConfigError(
+            f"{s.key('addresses')}: required: a list of sentinel host:port, e.g. "
+            "['10.0.0.5:26379', '10.0.0.6:26379', '10.0.0.7:26379']"
+        )
+    tls = s.get("tls", False, _bool)
+    tls_ca_file = s.get("tls_ca_file", None, _path)
+    if tls_ca_file is not None and not tls:
+        raise ConfigError(f"{s.key('tls_ca_file')}: needs {s.key('tls')}: true")
+    return SentinelConfig(
+        master_name=master_name,
+        addresses=addresses,
+        sentinel_password=s.get(
+            "sentinel_password", os.environ.get(SENTINEL_PASSWORD_ENV_VAR) or None, _str
+        ),
+        db=s.get("db", 0, _int(0, 1_000_000)),
+        tls=tls,
+        tls_ca_file=tls_ca_file,
+    )
+
+
 def _redis(s: _Section) -> RedisConfig:
     d = RedisConfig()
     url = s.get("url", None, _str)
     if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"redis.url: {_show(url)} must be a redis://, rediss:// or unix:// URL")
+    sentinel = None
+    if s.has("sentinel"):
+        if url is not None:
+            raise ConfigError(
+                "redis.sentinel: not allowed together with redis.url; allowed: either redis.url "
+                "(one Redis server) or redis.sentinel (a Sentinel-managed primary)"
+            )
+        sentinel = _sentinel(s.section("sentinel", _keys(SentinelConfig)))
     return RedisConfig(
         url=url,
+        sentinel=sentinel,
+        password=s.get("password", os.environ.get(REDIS_PASSWORD_ENV_VAR) or None, _str),
         key_prefix=s.get("key_prefix", d.key_prefix, _str),
         connect_timeout_s=s.get("connect_timeout_s", d.connect_timeout_s, _float(0.01, 60.0)),
         command_timeout_s=s.get("command_timeout_s", d.command_timeout_s, _float(0.01, 60.0)),

@@ -118,8 +118,8 @@ class Runtime:
         return GatewaySample(
             nodes=tuple(nodes),
             catalog=self.catalog.stats(),
-            redis_configured=config.redis.url is not None,
-            redis_connected=config.redis.url is not None and not degraded,
+            redis_configured=config.redis.enabled,
+            redis_connected=config.redis.enabled and not degraded,
             degraded=degraded,
             geoip_build_time={
                 db.role: db.build_time.timestamp() for db in self.router.locator.databases

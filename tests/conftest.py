@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub
 from geoworld import GeoDBs, build_asn_db, build_city_db
+from mirror_node import MirrorNode
 from redis.asyncio import Redis
 from redis_server import RedisServer, free_port
 
@@ -57,6 +58,15 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nodes() -> Iterator[dict[str, MirrorNode]]:
+    """Two live mirror nodes, ``bj`` and ``sh`` (see ``live_gateways.live_config``)."""
+    started = {"bj": MirrorNode("bj"), "sh": MirrorNode("sh")}
+    yield started
+    for node in started.values():
+        node.stop()
 
 
 # --------------------------------------------------------------------------- upstream hub

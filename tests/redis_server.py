@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -33,18 +34,33 @@ def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            # NOAUTH: a server with requirepass is up as well.
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
 
-class RedisServer:
-    """One ``redis-server`` process on ``127.0.0.1:port``, without persistence."""
+def _started(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether the process answers PING within ``START_TIMEOUT_S`` (False: it died or hung)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _answers_ping(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
-    def __init__(self, port: int, directory: Path) -> None:
+
+class RedisServer:
+    """One ``redis-server`` process on ``127.0.0.1:port``, without persistence.
+
+    ``args``: more command-line settings (``--requirepass``, ``--replicaof``...).
+    """
+
+    def __init__(self, port: int, directory: Path, args: Sequence[str] = ()) -> None:
         self.port = port
         self.dir = directory
         self.log = directory / "redis-server.log"
+        self.args = tuple(args)
         self._process: subprocess.Popen[bytes] | None = None
         self._paused = False
 
@@ -67,17 +83,14 @@ class RedisServer:
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.dir)],
+                 "--appendonly", "no", "--dir", str(self.dir), *self.args],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_ping(self.port):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(
-                    f"redis-server did not start on port {self.port}:\n{self.log.read_text()}"
-                )
-            time.sleep(0.01)
+        if not _started(self._process, self.port):
+            self.kill()
+            raise AssertionError(
+                f"redis-server did not start on port {self.port}:\n{self.log.read_text()}"
+            )
 
     def stop(self) -> None:
         """SIGTERM, as an orderly shutdown; waits for the process to exit."""
@@ -109,5 +122,76 @@ class RedisServer:
         if self._paused:
             # A stopped process only acts on SIGTERM once it runs again.
             self.resume()
+        self._process.wait(timeout=10)
+        self._process = None
+
+
+class RedisSentinel:
+    """One ``redis-sentinel`` process on ``127.0.0.1:port`` watching one primary.
+
+    Short timeouts, so that a test's failover takes seconds: the primary is taken as down after
+    ``down_after_ms`` without an answer, and a failed failover is retried soon. ``settings``:
+    more sentinel.conf lines (TLS...).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        directory: Path,
+        *,
+        master_name: str,
+        primary_port: int,
+        quorum: int,
+        auth_pass: str | None = None,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        settings: Sequence[str] = (),
+    ) -> None:
+        self.port = port
+        self.dir = directory
+        self.log = directory / "redis-sentinel.log"
+        self.conf = directory / "sentinel.conf"
+        lines = [
+            f"port {port}",
+            "bind 127.0.0.1",
+            f"dir {directory}",
+            f"sentinel monitor {master_name} 127.0.0.1 {primary_port} {quorum}",
+            f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
+            f"sentinel failover-timeout {master_name} {failover_timeout_ms}",
+            f"sentinel parallel-syncs {master_name} 1",
+        ]
+        if auth_pass is not None:
+            lines.append(f"sentinel auth-pass {master_name} {auth_pass}")
+        self._settings = [*lines, *settings]
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-sentinel")
+        if binary is None:
+            pytest.fail(
+                "redis-sentinel is not installed; `apt-get install redis-sentinel`, or run "
+                "scripts/test, which installs it",
+                pytrace=False,
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Sentinel rewrites its config file as it learns the topology: a fresh one per start.
+        self.conf.write_text("\n".join(self._settings) + "\n")
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(
+                [binary, str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        if not _started(self._process, self.port):
+            self.stop()
+            raise AssertionError(
+                f"redis-sentinel did not start on port {self.port}:\n{self.log.read_text()}"
+            )
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
         self._process.wait(timeout=10)
         self._process = None

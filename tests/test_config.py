@@ -10,8 +10,11 @@ import yaml
 from gateway.cli import EXIT_BAD_CONFIG, main
 from gateway.config import (
     DEFAULT_URL_TEMPLATE,
+    REDIS_PASSWORD_ENV_VAR,
+    SENTINEL_PASSWORD_ENV_VAR,
     ConfigError,
     GatewayConfig,
+    SentinelConfig,
     config_from_mapping,
     load_config,
     resolve_config_path,
@@ -115,6 +118,41 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
     ),
     ("node-url-space", {"nodes": [node(url="https://x/a b")]}, ["nodes[0].url", "spaces"]),
     ("redis-scheme", {"redis": {"url": "http://r"}}, ["redis.url", "redis://"]),
+    (
+        "redis-url-and-sentinel",
+        {"redis": {"url": "redis://r", "sentinel": {"master_name": "m", "addresses": ["s:1"]}}},
+        ["redis.sentinel", "redis.url", "either"],
+    ),
+    (
+        "sentinel-no-master",
+        {"redis": {"sentinel": {"addresses": ["s:26379"]}}},
+        ["redis.sentinel.master_name", "required"],
+    ),
+    (
+        "sentinel-no-addresses",
+        {"redis": {"sentinel": {"master_name": "m"}}},
+        ["redis.sentinel.addresses", "required", "host:port"],
+    ),
+    (
+        "sentinel-address",
+        {"redis": {"sentinel": {"master_name": "m", "addresses": ["s:1", "s"]}}},
+        ["redis.sentinel.addresses[1]", "host:port"],
+    ),
+    (
+        "sentinel-port",
+        {"redis": {"sentinel": {"master_name": "m", "addresses": ["s:99999"]}}},
+        ["redis.sentinel.addresses[0]", "host:port"],
+    ),
+    (
+        "sentinel-ca-without-tls",
+        {"redis": {"sentinel": {"master_name": "m", "addresses": ["s:1"], "tls_ca_file": "/ca"}}},
+        ["redis.sentinel.tls_ca_file", "redis.sentinel.tls: true"],
+    ),
+    (
+        "sentinel-unknown-key",
+        {"redis": {"sentinel": {"master_name": "m", "addresses": ["s:1"], "service": "x"}}},
+        ["redis.sentinel.service", "master_name, addresses"],
+    ),
     ("nodes-not-list", {"nodes": {"id": "x"}}, ["nodes", "list"]),
     ("node-missing-id", {"nodes": [{"url": "https://x"}]}, ["nodes[0].id", "required"]),
     ("node-missing-url", {"nodes": [{"id": "x"}]}, ["nodes[0].url", "required"]),
@@ -191,6 +229,27 @@ def test_bad_config_names_key_and_allowed_values(data: object, expected: list[st
         config_from_mapping(data)
     for fragment in expected:
         assert fragment in str(info.value)
+
+
+def test_sentinel_settings_and_passwords_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(REDIS_PASSWORD_ENV_VAR, "from-env")
+    monkeypatch.setenv(SENTINEL_PASSWORD_ENV_VAR, "sentinel-env")
+    sentinel = {"master_name": "gw", "addresses": ["10.0.0.5:26379", "[::1]:26380"]}
+    config = config_from_mapping({"redis": {"sentinel": sentinel}})
+    assert config.redis.enabled
+    assert config.redis.url is None
+    assert config.redis.sentinel == SentinelConfig(
+        master_name="gw",
+        addresses=(("10.0.0.5", 26379), ("::1", 26380)),
+        sentinel_password="sentinel-env",
+    )
+    assert config.redis.password == "from-env"
+    # A password in the file wins over the environment.
+    config = config_from_mapping({"redis": {"url": "redis://r:6379/0", "password": "file"}})
+    assert config.redis.password == "file"
+    assert not config_from_mapping(None).redis.enabled
 
 
 def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:

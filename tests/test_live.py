@@ -8,30 +8,26 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from fake_hub import FakeHub
-from geoworld import BEIJING_IP, GeoDBs
+from geoworld import GeoDBs
+from live_gateways import (
+    TOKEN,
+    admin,
+    live_config,
+    node_state,
+    prober_lock_owner,
+    readiness,
+    routed_to,
+    two_gateways,
+)
 from mirror_node import MirrorNode
 from processes import REPO, GatewayProcess, wait_until
-
-TOKEN = "test-admin-token-0123456789"
-RESOLVE = "/acme/tiny-model/resolve/main/config.json"
-FROM_BEIJING = {"X-Forwarded-For": BEIJING_IP}
-
-
-@pytest.fixture
-def nodes() -> Iterator[dict[str, MirrorNode]]:
-    started = {"bj": MirrorNode("bj"), "sh": MirrorNode("sh")}
-    yield started
-    for node in started.values():
-        node.stop()
-
 
 MakeConfig = Callable[..., dict[str, Any]]
 
@@ -46,76 +42,6 @@ def make_config(geo_dbs: GeoDBs, fake_hub: FakeHub) -> MakeConfig:
         return live_config(geo_dbs, fake_hub.url, nodes, redis_url, **extra)
 
     return make
-
-
-def live_config(
-    geo: GeoDBs,
-    upstream: str,
-    nodes: dict[str, MirrorNode],
-    redis_url: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    coordinates = {"bj": (39.9042, 116.4074), "sh": (31.2304, 121.4737)}
-    return {
-        "upstream": {"url": upstream},
-        "geoip": {"city_db": str(geo.city), "asn_db": str(geo.asn)},
-        "probing": {
-            "interval_s": 0.1,
-            "fall": 2,
-            "rise": 3,
-            "timeout_s": 0.5,
-            "connect_timeout_s": 0.2,
-            "probe": {"path": "/health", "expect_status": [200]},
-        },
-        "state": {"resync_s": 1.0, "redirect_window_s": 1.0},
-        "redis": {"url": redis_url, "command_timeout_s": 0.2, "connect_timeout_s": 0.2}
-        if redis_url
-        else {},
-        "admin": {"token": TOKEN},
-        "nodes": [
-            {
-                "id": node_id,
-                "url": node.url,
-                "country": "CN",
-                "latitude": coordinates[node_id][0],
-                "longitude": coordinates[node_id][1],
-                "serves": {"countries": ["CN"]},
-            }
-            for node_id, node in nodes.items()
-        ],
-        **extra,
-    }
-
-
-def routed_to(gateway: GatewayProcess) -> str:
-    status, headers, _ = gateway.get(RESOLVE, FROM_BEIJING)
-    assert status == 302
-    return headers["x-mirror-node"]
-
-
-def admin(gateway: GatewayProcess, path: str, method: str = "GET") -> tuple[int, Any]:
-    call = urllib.request.Request(
-        f"http://127.0.0.1:{gateway.port}{path}",
-        method=method,
-        headers={"Authorization": f"Bearer {TOKEN}"},
-    )
-    try:
-        with urllib.request.urlopen(call, timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-
-
-def readiness(gateway: GatewayProcess) -> dict[str, Any]:
-    status, _, body = gateway.get("/readyz")
-    assert status == 200
-    result: dict[str, Any] = json.loads(body)
-    return result
-
-
-def node_state(gateway: GatewayProcess, node_id: str) -> dict[str, Any]:
-    _, listing = admin(gateway, "/admin/nodes")
-    return next(n for n in listing["nodes"] if n["id"] == node_id)
 
 
 def test_failing_node_is_routed_around_and_returns_after_rise_good_probes(
@@ -155,16 +81,6 @@ def test_probes_identify_themselves_and_follow_no_redirects(
         assert gateway.stop() == 0
 
 
-def two_gateways(config: dict[str, Any], tmp_path: Path) -> tuple[GatewayProcess, GatewayProcess]:
-    first = GatewayProcess(config, tmp_path)
-    try:
-        second = GatewayProcess(config, tmp_path)
-    except AssertionError:
-        first.stop()
-        raise
-    return first, second
-
-
 def test_drain_on_one_instance_is_seen_by_the_other(
     make_config: MakeConfig, nodes: dict[str, MirrorNode], redis_url: str, tmp_path: Path
 ) -> None:
@@ -184,12 +100,6 @@ def test_drain_on_one_instance_is_seen_by_the_other(
     finally:
         assert a.stop() == 0
         assert b.stop() == 0
-
-
-def prober_lock_owner(client: redis.Redis) -> str | None:
-    owners = [client.get(key) for key in client.scan_iter("mg:*lock*")]
-    assert len(owners) <= 1
-    return owners[0].decode() if owners and owners[0] else None
 
 
 def test_one_prober_per_vantage_and_handover_when_it_stops(

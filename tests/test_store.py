@@ -219,7 +219,7 @@ def test_bad_fields_are_named(
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        (None, "redis.url is not set; use InProcessStore"),
+        (None, "neither redis.url nor redis.sentinel is set; use InProcessStore"),
         ("redis://127.0.0.1:notaport", "redis.url: Port could not be cast"),
     ],
 )

@@ -45,13 +45,12 @@ from urllib.parse import quote
 
 import aiohttp
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from yarl import URL
 
 from gateway.config import CatalogConfig, RedisConfig, UpstreamConfig
 from gateway.hf.paths import RepoType
+from gateway.redis_client import open_redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +411,8 @@ class Catalog:
         self._upstream = upstream
         self._config = config
         redis_config = redis_config or RedisConfig()
-        self._redis_url = redis_url if redis_url is not None else redis_config.url
+        if redis_url is not None:
+            redis_config = replace(redis_config, url=redis_url, sentinel=None)
         self._redis_config = redis_config
         self._redis_prefix = f"{redis_config.key_prefix}catalog:"
         self._session = session
@@ -443,15 +443,10 @@ class Catalog:
     async def start(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        if self._redis_url is not None and self._redis is None:
-            # redis-py connects on the first command, so a Redis that is down delays nothing here.
-            self._redis = Redis.from_url(
-                self._redis_url,
-                socket_connect_timeout=self._redis_config.connect_timeout_s,
-                socket_timeout=self._redis_config.command_timeout_s,
-                # A failed command must reach us at once to open the circuit, not be retried.
-                retry=Retry(NoBackoff(), 0),
-            )
+        if self._redis_config.enabled and self._redis is None:
+            # A failed command reaches us at once (no retries) and opens the circuit; through
+            # Sentinel, the next connection after a failover goes to the new primary.
+            self._redis = open_redis(self._redis_config)
 
     async def close(self) -> None:
         loads = list(self._inflight.values())

@@ -56,11 +56,10 @@ from typing import Literal, Protocol, get_args
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import NodeConfig, RedisConfig, StateConfig
+from gateway.redis_client import open_redis
 from gateway.state.live import (
     AdminMode,
     AdminRecord,
@@ -513,19 +512,21 @@ class RedisStore:
         clock: Clock = time.time,
         record_ttl_s: float = DEFAULT_RECORD_TTL_S,
     ) -> None:
-        if redis.url is None:
-            raise ValueError("redis.url is not set; use InProcessStore to run without Redis")
+        if not redis.enabled:
+            raise ValueError(
+                "neither redis.url nor redis.sentinel is set; use InProcessStore without Redis"
+            )
         # Checked here because the supervisor would otherwise retry a URL that can never work.
-        try:
-            parse_url(redis.url)
-        except ValueError as exc:
-            raise ValueError(f"redis.url: {exc}") from None
+        if redis.url is not None:
+            try:
+                parse_url(redis.url)
+            except ValueError as exc:
+                raise ValueError(f"redis.url: {exc}") from None
         self.live = live
         self.redirects = redirects
         self.instance_id = instance_id or (
             f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         )
-        self._url = redis.url
         self._redis = redis
         self._state = state
         self._smoothed = SmoothedRedirects(state.redirect_smoothing)
@@ -697,15 +698,8 @@ class RedisStore:
         backoff = BACKOFF_MIN_S
         while True:
             stop_if_cancelled()
-            client = Redis.from_url(
-                self._url,
-                socket_connect_timeout=self._redis.connect_timeout_s,
-                socket_timeout=self._redis.command_timeout_s,
-                health_check_interval=HEALTH_CHECK_INTERVAL_S,
-                # No retries inside redis-py: a failure must reach us at once so that the
-                # store degrades and, after reconnecting, resyncs what it may have missed.
-                retry=Retry(NoBackoff(), 0),
-            )
+            # A new client each time: through Sentinel it asks where the primary is now.
+            client = open_redis(self._redis, health_check_interval=HEALTH_CHECK_INTERVAL_S)
             pubsub = client.pubsub()
             try:
                 await self._connect(client, pubsub)

@@ -50,7 +50,8 @@ def build_router(config: GatewayConfig) -> tuple[Router, tuple[str, ...]]:
 
 
 def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
-    """Live state in Redis when ``redis.url`` is set, else in this process; a prober if on.
+    """Live state in Redis when ``redis.url`` or ``redis.sentinel`` is set, else in this process;
+    a prober if on.
 
     ``metrics_dir``: the shared metrics directory of a multi-worker server.
     """
@@ -63,7 +64,7 @@ def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
     )
     redirects = RedirectCounter()
     store: StateStore
-    if config.redis.url:
+    if config.redis.enabled:
         store = RedisStore(
             live,
             redirects,
@@ -80,9 +81,7 @@ def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
         if config.probing.enabled
         else None
     )
-    catalog = Catalog(
-        config.upstream, config.catalog, redis_url=config.redis.url, redis_config=config.redis
-    )
+    catalog = Catalog(config.upstream, config.catalog, redis_config=config.redis)
     sync = SyncTracker(config.nodes, config.sync, catalog, timeout_s=config.probing.timeout_s)
     return Runtime(
         router, store, prober, catalog, sync, UpstreamProxy(config.upstream), metrics_dir
