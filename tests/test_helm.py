@@ -18,12 +18,15 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from geoworld import GeoDBs
 from processes import REPO
 
 CHART = REPO / "helm" / "mirror-gateway"
 HELM = REPO / ".tools" / "bin" / "helm"
 KUBERNETES_VERSION = "1.31.0"
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+#: Where the chart mounts the GeoIP volume the updater CronJob keeps fresh.
+GEOIP_VOLUME = "/var/lib/mirror-gateway/geoip"
 #: What the pod gets on top of the drain window and the graceful stop before SIGKILL.
 STOP_MARGIN_S = 5
 
@@ -88,7 +91,9 @@ def check_service_monitor(monitor: Manifest, manifests: list[Manifest]) -> None:
 
 
 @pytest.mark.parametrize("values", [None, *VALUES_FILES], ids=lambda p: p.name if p else "default")
-def test_chart_lints_renders_and_validates(values: Path | None, tmp_path: Path) -> None:
+def test_chart_lints_renders_and_validates(
+    values: Path | None, tmp_path: Path, geo_dbs: GeoDBs
+) -> None:
     args = ["-f", str(values)] if values else []
     lint = helm("lint", str(CHART), "--strict", *args)
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -104,9 +109,16 @@ def test_chart_lints_renders_and_validates(values: Path | None, tmp_path: Path) 
             name = f"{manifest['kind']}/{manifest['metadata']['name']}"
             pytest.fail(f"{name}: {exc.message} at {list(exc.path)}")
 
-    # The gateway config the pods read passes the real CLI's validation.
+    # The gateway config the pods read passes the real CLI's validation, which opens the GeoIP
+    # databases: those the pod finds on its volume are real mmdb files here too.
+    config = gateway_config(manifests)
+    pod_files = {"city_db": geo_dbs.city, "asn_db": geo_dbs.asn}
+    for key, local in pod_files.items():
+        if key in config.get("geoip", {}):
+            assert config["geoip"][key].startswith(GEOIP_VOLUME + "/")
+            config["geoip"][key] = str(local)
     config_file = tmp_path / "gateway.yaml"
-    config_file.write_text(yaml.safe_dump(gateway_config(manifests)))
+    config_file.write_text(yaml.safe_dump(config))
     check = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", "--config", str(config_file)],
         capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
@@ -141,7 +153,7 @@ def test_default_deployment_is_non_root_read_only_probed_and_drained() -> None:
         "key": "token",
     }
     config = gateway_config(manifests)
-    assert config["server"] == {"host": "0.0.0.0", "port": 8080}
+    assert config["server"] == {"host": "0.0.0.0", "port": 8080, "drain_s": values["drainSeconds"]}
     assert "admin" not in config, "the admin token must not land in a ConfigMap"
     assert {"PodDisruptionBudget", "Service", "ConfigMap"} <= {m["kind"] for m in manifests}
     assert not by_kind(manifests, "HorizontalPodAutoscaler")
