@@ -144,21 +144,41 @@ class SyncConfig:
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    #: Widest tier a node may be chosen from; clients with nothing closer go upstream.
+    """The routing rule's terms (docs/routing.md): a node's cost for a client is its distance in
+    km, plus probe latency converted to km, minus bonuses for a shared network and country."""
+
+    #: Widest match a node may be chosen from at all; clients with nothing that close go upstream.
     max_tier: TierName = "any"
-    #: Nodes whose distance is within this band of the closest one count as equally good.
+    #: Countries whose clients only leave the country when no domestic node is up and free.
+    domestic_first: frozenset[str] = frozenset()
+    #: Subtracted from the cost of a node in the client's own network (ASN).
+    asn_bonus_km: float = 100.0
+    #: Subtracted from the cost of a node in the client's own country.
+    country_bonus_km: float = 200.0
+    #: Nodes whose cost is within max(near_equal_km, near_equal_ratio * best cost) of the best
+    #: count as equally good, and share the traffic by free capacity times weight.
     near_equal_km: float = 100.0
-    near_equal_ratio: float = 0.25
-    #: Probe latency enters the score as distance: each millisecond counts as this many km.
+    near_equal_ratio: float = 0.1
+    #: Probe latency enters the cost as distance: each millisecond counts as this many km.
     km_per_latency_ms: float = 10.0
-    #: A node at full capacity scores this many km worse than an idle one (linear in load).
-    load_penalty_km: float = 2000.0
+    #: Share of its capacity a node is taken to carry before any load reading or estimate.
+    load_prior: float = 0.5
     #: Bounded-load rendezvous for cache nodes: no cache takes more than this factor times the
     #: mean share of recent redirects among the near-equal caches.
     cache_load_bound: float = 1.25
     #: Skip a node at once when its latest probe timed out or could not connect, rather than
     #: waiting for ``probing.fall`` failures (clients would meet the same failure).
     avoid_transport_failing: bool = True
+
+
+#: Routing keys that no longer exist, and what to do instead.
+RETIRED_ROUTING_KEYS = {
+    "load_penalty_km": (
+        "load no longer adds distance: near-equal nodes share traffic by free capacity and a "
+        "full node takes none; remove the key (routing.load_prior sets the load assumed "
+        "before a node's first reading; docs/routing.md)"
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,12 +615,18 @@ def _geoip(s: _Section) -> GeoIPConfig:
 
 def _routing(s: _Section) -> RoutingConfig:
     d = RoutingConfig()
+    for key, instead in RETIRED_ROUTING_KEYS.items():
+        if s.has(key):
+            raise ConfigError(f"{s.key(key)}: no longer used; {instead}")
     return RoutingConfig(
         max_tier=s.get("max_tier", d.max_tier, _choice(TIER_ORDER)),
+        domestic_first=frozenset(s.get("domestic_first", (), _each(_country))),
+        asn_bonus_km=s.get("asn_bonus_km", d.asn_bonus_km, _float(0.0, 5_000.0)),
+        country_bonus_km=s.get("country_bonus_km", d.country_bonus_km, _float(0.0, 5_000.0)),
         near_equal_km=s.get("near_equal_km", d.near_equal_km, _float(0.0, 20_000.0)),
         near_equal_ratio=s.get("near_equal_ratio", d.near_equal_ratio, _float(0.0, 10.0)),
         km_per_latency_ms=s.get("km_per_latency_ms", d.km_per_latency_ms, _float(0.0, 10_000.0)),
-        load_penalty_km=s.get("load_penalty_km", d.load_penalty_km, _float(0.0, 100_000.0)),
+        load_prior=s.get("load_prior", d.load_prior, _float(0.0, 1.0)),
         cache_load_bound=s.get("cache_load_bound", d.cache_load_bound, _float(1.0, 100.0)),
         avoid_transport_failing=s.get("avoid_transport_failing", d.avoid_transport_failing, _bool),
     )
@@ -901,7 +927,7 @@ def config_from_mapping(data: object) -> GatewayConfig:
         client_ip=_client_ip(top.section("client_ip", _keys(ClientIPConfig))),
         geoip=_geoip(top.section("geoip", _keys(GeoIPConfig))),
         upstream=_upstream(top.section("upstream", _keys(UpstreamConfig))),
-        routing=_routing(top.section("routing", _keys(RoutingConfig))),
+        routing=_routing(top.section("routing", (*_keys(RoutingConfig), *RETIRED_ROUTING_KEYS))),
         responses=_responses(top.section("responses", _keys(ResponsesConfig))),
         redis=_redis(top.section("redis", _keys(RedisConfig))),
         probing=probing,

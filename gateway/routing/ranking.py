@@ -1,9 +1,9 @@
-"""Rankings: the nodes configuration allows in one place, per tier, nearest first.
+"""Rankings: the nodes configuration allows in one place, per preference level, nearest first.
 
 A ranking depends on the configuration and on the client's *cell* (the part of its location
 the rule reads), never on live state, so the router keeps one per cell for as long as the
-configuration holds. It keeps the nearest ``front`` nodes of each tier and how far the rest
-are at least, which is all the rule needs as long as the best scores stay within that reach;
+configuration holds. It keeps the nearest ``front`` nodes of each level and how far the rest
+are at least, which is all the rule needs as long as the best costs stay within that reach;
 where they do not (a dense place, most of the nearest nodes down or lacking the revision),
 the router ranks the cell again with a wider front.
 """
@@ -21,19 +21,18 @@ from gateway.config import NodeConfig, RoutingConfig
 from gateway.geo.locator import Location
 from gateway.routing.rule import (
     EARTH_RADIUS_KM,
-    TIERS,
     Exclusion,
     Tier,
     configured_exclusion,
     max_tier,
 )
 
-#: Nodes per tier a ranking keeps at first. A request's read of a tier stops within a few
+#: Nodes per level a ranking keeps at first. A request's read of a level stops within a few
 #: nodes (at the median 11, at the 90th percentile 22 in the benchmark's 10,000-node world)
 #: unless the near-equal pool is larger or most of the nearest nodes are down or lack the
 #: revision. A front bounds a ranking's memory whatever the node count.
 FRONT = 32
-#: Half-width in radians (about 320 km) of the first latitude band searched for a tier's front.
+#: Half-width in radians (about 320 km) of the first latitude band searched for a level's front.
 _FIRST_BAND = 0.05
 
 
@@ -76,20 +75,20 @@ def _in(groups: Mapping[_Key, tuple[_Member, ...]], key: _Key | None) -> tuple[_
 
 @dataclass(frozen=True, slots=True)
 class Ranking:
-    """One cell's nodes per tier, nearest first; ties go to the heavier node, then by id."""
+    """One cell's nodes per level, nearest first; ties go to the heavier node, then by id."""
 
     cell: Cell
-    #: How many nodes of each tier were kept at most.
+    #: How many nodes of each level were kept at most.
     front: int
-    #: Indexed by ``Tier``: the tier's first nodes with their distances.
+    #: Indexed by ``Level``: the level's first nodes with their distances.
     fronts: tuple[tuple[tuple[NodeConfig, float | None], ...], ...]
-    #: Indexed by ``Tier``: how far every node past the front is at least (``math.inf`` when
-    #: the front is the whole tier).
+    #: Indexed by ``Level``: how far every node past the front is at least (``math.inf`` when
+    #: the front is the whole level).
     reaches: tuple[float, ...]
 
     @property
     def size(self) -> int:
-        """How many nodes the ranking keeps, in all tiers."""
+        """How many nodes the ranking keeps, in all levels."""
         return sum(map(len, self.fronts))
 
 
@@ -97,7 +96,7 @@ class NodeIndex:
     """The configured nodes arranged for ranking; built once per config.
 
     The enabled nodes are grouped by the countries, continents and ASNs that put them in a
-    client's service area or tier, so ranking a location looks up a few groups rather than
+    client's service area, tier or level, so ranking a location looks up a few groups rather than
     testing every node; each node's latitude in radians and its cosine, which every distance
     to it needs, are computed once.
     """
@@ -170,11 +169,11 @@ class NodeIndex:
 
     def ranking(self, cell: Cell, policy: RoutingConfig, front: int | None = None) -> Ranking:
         """The cell's ranking, keeping the first ``front`` (by default ``FRONT``) nodes of
-        each tier."""
+        each level."""
         front = FRONT if front is None else front
         fronts = []
         reaches = []
-        for members in self.tiers(cell, max_tier(policy)):
+        for members in self.levels(cell, policy):
             nearest = self.ranked(members, cell, front)
             fronts.append(tuple(nearest))
             # Nodes without coordinates sort as if at distance 0.
@@ -184,36 +183,38 @@ class NodeIndex:
     def explained(
         self, client: Location, policy: RoutingConfig
     ) -> tuple[list[list[tuple[NodeConfig, float | None]]], list[Exclusion]]:
-        """Every tier in full for ``client``, and the exclusions configuration makes: what
-        explain shows. The tiers are those a ranking of the client's cell gives."""
+        """Every level in full for ``client``, and the exclusions configuration makes: what
+        explain shows. The levels are those a ranking of the client's cell gives."""
         cell = self.cell(client)
-        tiers = [self.ranked(members, cell, None) for members in self.tiers(cell, max_tier(policy))]
+        levels = [self.ranked(members, cell, None) for members in self.levels(cell, policy)]
         excluded = [
             found
             for node in self._nodes
             if isinstance(found := configured_exclusion(node, client, policy), Exclusion)
         ]
-        return tiers, excluded
+        return levels, excluded
 
-    def tiers(self, cell: Cell, widest: Tier) -> list[Collection[_Member]]:
-        """Per tier, the nodes configuration allows in ``cell``, in no particular order."""
+    def levels(self, cell: Cell, policy: RoutingConfig) -> list[Collection[_Member]]:
+        """Per level (``rule.Level``), the nodes configuration allows in ``cell``, in no
+        particular order."""
         allowed = set(self._open)
         allowed.update(_in(self._serving_country, cell.country))
         allowed.update(_in(self._serving_continent, cell.continent))
         allowed.update(_in(self._serving_asn, cell.asn))
-        tiers: list[Collection[_Member]] = []
-        groups = (
-            _in(self._in_asn, cell.asn),
-            _in(self._in_country, cell.country),
-            _in(self._in_continent, cell.continent),
-        )
-        for tier, group in zip(TIERS[: Tier.ANY], groups, strict=True):
-            members = [member for member in group if member in allowed] if tier <= widest else []
-            # A node belongs to its closest tier only.
-            allowed.difference_update(members)
-            tiers.append(members)
-        tiers.append(allowed if widest is Tier.ANY else ())
-        return tiers
+        widest = max_tier(policy)
+        if widest is not Tier.ANY:
+            groups = (
+                _in(self._in_asn, cell.asn),
+                _in(self._in_country, cell.country),
+                _in(self._in_continent, cell.continent),
+            )
+            # max_tier: only nodes sharing the client's network, country or continent, as set.
+            allowed.intersection_update(member for group in groups[: widest + 1] for member in group)
+        domestic: Collection[_Member] = ()
+        if cell.country is not None and cell.country in policy.domestic_first:
+            domestic = [m for m in _in(self._in_country, cell.country) if m in allowed]
+            allowed.difference_update(domestic)
+        return [domestic, allowed]
 
     def ranked(
         self, members: Collection[_Member], cell: Cell, front: int | None

@@ -3,8 +3,8 @@
 Shared by the redirect handlers, explain and Metalink, so all of them always agree. A
 ``Router`` is built once per config (start or reload). It caches what the rule reads, keyed by
 validated values and bounded in entries: each client address's location, and per location cell
-its ranking (``ranking``, configuration only) and its scored candidates under one version of
-the live state (``rule.score_tier``). An entry scored under an older version is never used: a
+its ranking (``ranking``, configuration only) and its priced candidates under one version of
+the live state (``rule.score_level``). An entry scored under an older version is never used: a
 request that finds one scores the cell itself, and ``rescore_stale`` (run by a background task
 whenever the live state changes) scores the cells in use again, most recently used first, so
 that requests rarely have to. The decision itself (which node, for which file) is made per
@@ -25,13 +25,13 @@ from gateway.hf.paths import FileRef
 from gateway.hf.targets import node_url, upstream_url
 from gateway.lru import LRUCache
 from gateway.routing.ranking import Cell, NodeIndex, Ranking
-from gateway.routing.rule import TIERS, Decision, Exclusion, Scored, decide, score_tier
+from gateway.routing.rule import LEVELS, Decision, Exclusion, Scored, decide, score_level
 from gateway.state.live import NO_LIVE_STATE, NodeStatuses
 
 PRIVATE_CACHE_CONTROL = "private, no-store"
 #: Nodes the rankings and scored candidates of all cached location cells hold together (GeoIP
 #: answers repeat per city, so cells do too). A cell holds at most ``ranking.FRONT`` nodes per
-#: tier at first, more once its ranking was widened; each node kept costs about 200 bytes,
+#: level at first, more once its ranking was widened; each node kept costs about 200 bytes,
 #: so the cache stays near 100 MiB at most whatever the node count.
 RANKED_NODES = 500_000
 #: How much wider a cell's ranking gets each time the rule could not decide from it.
@@ -166,8 +166,8 @@ class Router:
     def _score(self, entry: _CellEntry, statuses: NodeStatuses, version: int) -> Scored:
         ranking, policy = entry.ranking, self.config.routing
         scored = tuple(
-            score_tier(tier, front, statuses, policy, reach=reach)
-            for tier, front, reach in zip(TIERS, ranking.fronts, ranking.reaches, strict=True)
+            score_level(level, front, ranking.cell, statuses, policy, reach=reach)
+            for level, front, reach in zip(LEVELS, ranking.fronts, ranking.reaches, strict=True)
         )
         entry.scored, entry.version = scored, version
         return scored
@@ -220,16 +220,17 @@ class Router:
             )  # fmt: skip
 
         if explain:
-            tiers, configured = self._index.explained(placement.location, routing)
+            levels, configured = self._index.explained(placement.location, routing)
             excluded = [*configured]
             decision = choose_in(
                 [
-                    score_tier(tier, nodes, statuses, routing, excluded=excluded)
-                    for tier, nodes in zip(TIERS, tiers, strict=True)
+                    score_level(level, nodes, placement.location, statuses, routing,
+                                excluded=excluded)
+                    for level, nodes in zip(LEVELS, levels, strict=True)
                 ],
                 excluded,
-            )
-            assert decision is not None  # tiers listed whole always tell
+            )  # fmt: skip
+            assert decision is not None  # levels listed whole always tell
         else:
             decision = choose_in(self.scored(placement.cell, statuses, version))
             while decision is None:
@@ -245,7 +246,7 @@ class Router:
 
     def _widen(self, cell: Cell, statuses: NodeStatuses, version: int | None) -> Scored:
         """The cell ranked again with a wider front and scored: for a request ``decide`` could
-        not tell from the current one. Once the front holds every node of every tier it always
+        not tell from the current one. Once the front holds every node of every level it always
         tells, so a request widens a few times at most, and the cell stays wide."""
         ranking = self._cell(cell).ranking
         wider = self._index.ranking(cell, self.config.routing, ranking.front * WIDEN)
