@@ -51,6 +51,8 @@ class Runtime:
 
     def adopt(self, router: Router) -> None:
         self.router = router
+        # Taken up by the reconfigure below, which computes every status again.
+        self.store.live.load_prior = router.config.routing.load_prior
         self.store.reconfigure(router.config.nodes)
         if self.prober is not None:
             self.prober.reconfigure(router.config.nodes, router.config.probing)

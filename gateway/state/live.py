@@ -5,12 +5,20 @@ operator's admin state. Wherever they come from (this instance's prober, Redis, 
 they are applied to a ``LiveState``, which keeps one ``NodeStatus`` per node current. Requests
 only ever read ``LiveState.statuses``: no I/O on the request path. Nothing here expires by
 time: when shared state is unreachable the gateway keeps routing on the last view it had.
+
+A node's load is an *expected* load: its last reading plus the redirects this instance sent it
+since, each counted as one connection that fades with the typical download duration
+(``state.estimated_download_s``), so a node fills up between readings rather than taking every
+client until the next one. A node with a capacity but no reading yet starts from a prior share
+of it (``routing.load_prior``), not from empty.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
@@ -28,7 +36,7 @@ class NodeStatus:
     #: Admin switched the node off at run time (config ``enabled`` is the static switch).
     disabled: bool = False
     latency_ms: float | None = None
-    #: Fraction of capacity in use (1.0 = at capacity); None when unknown.
+    #: Expected fraction of capacity in use (1.0 = full); None when the node has no capacity.
     load: float | None = None
     #: Still up (hysteresis), but the latest probe could not connect or timed out.
     transport_failing: bool = False
@@ -87,14 +95,21 @@ class AdminRecord:
     changed_at: float = 0.0
 
 
-def load_fraction(node: NodeConfig, record: LoadRecord | None) -> float | None:
-    """The busier of connections and egress against capacity (reported, else configured)."""
+def load_fraction(node: NodeConfig, record: LoadRecord | None, sent: float = 0.0) -> float | None:
+    """The busier of connections and egress against capacity (reported, else configured).
+
+    ``sent`` counts the connections the redirects since the record are expected to hold: on
+    top of a reading, or at least that many where the record is itself an estimate from
+    redirects (``source`` "redirects"), whose windows lag behind.
+    """
     if record is None:
         return None
     fractions = []
     connections = record.capacity_connections or node.capacity.connections
-    if record.active_connections is not None and connections:
-        fractions.append(record.active_connections / connections)
+    if connections and (record.active_connections is not None or sent):
+        active = record.active_connections or 0.0
+        active = max(active, sent) if record.source == "redirects" else active + sent
+        fractions.append(active / connections)
     mbps = record.capacity_mbps or node.capacity.egress_mbps
     if record.egress_mbps is not None and mbps:
         fractions.append(record.egress_mbps / mbps)
@@ -105,8 +120,8 @@ def within_deadband(current: float | None, new: float | None, deadband: float) -
     """Whether a load moving from ``current`` to ``new`` is noise to ignore: a move smaller than
     ``deadband`` that does not cross full capacity. Every status change re-ranks the routing
     cells that read the node, and load reports and redirect estimates wobble by a few percent
-    from one reading to the next; the score error this keeps is at most ``deadband`` times
-    ``routing.load_penalty_km``."""
+    from one reading to the next; a near-equal node's share then errs by at most ``deadband``
+    of its capacity."""
     if current is None or new is None:
         return current is new
     return abs(new - current) < deadband and (new >= 1.0) == (current >= 1.0)
@@ -130,7 +145,12 @@ def node_status(
     admin: AdminRecord | None,
     *,
     probing: bool,
+    sent: float = 0.0,
+    load_prior: float | None = None,
 ) -> NodeStatus:
+    """A node's status from its records; ``sent``: connections expected from the redirects
+    since its load record (``load_fraction``); ``load_prior``: the share of capacity assumed
+    in use while it has no load record (None: unknown)."""
     if probe is None:
         up, reason, latency = not probing, NOT_YET_PROBED if probing else "", None
     else:
@@ -143,9 +163,23 @@ def node_status(
         draining=mode == "draining",
         disabled=mode == "disabled",
         latency_ms=latency,
-        load=load_fraction(node, load),
+        load=_expected_load(node, load, sent, load_prior),
         transport_failing=transport_failing,
     )
+
+
+def _expected_load(
+    node: NodeConfig, record: LoadRecord | None, sent: float, prior: float | None
+) -> float | None:
+    if record is not None or prior is None or not node.capacity.connections:
+        return load_fraction(node, record, sent)
+    return prior + sent / node.capacity.connections
+
+
+def faded(count: float, since_s: float, download_s: float) -> float:
+    """A count of downloads started ``since_s`` ago, less those expected to have finished
+    (downloads lasting ``download_s`` on average, ending at a constant rate)."""
+    return count * math.exp(-max(since_s, 0.0) / download_s)
 
 
 @dataclass(slots=True)
@@ -154,6 +188,9 @@ class _NodeRecords:
     probes: dict[str, ProbeRecord] = field(default_factory=dict)
     load: LoadRecord | None = None
     admin: AdminRecord | None = None
+    #: Redirects sent since the load record, faded as of ``sent_at`` (``faded``).
+    sent: float = 0.0
+    sent_at: float = 0.0
 
 
 class LiveState:
@@ -170,12 +207,22 @@ class LiveState:
         vantage: str,
         probing: bool,
         load_deadband: float = 0.0,
+        load_prior: float | None = None,
+        download_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.vantage = vantage
         self.probing = probing
         #: Load moves smaller than this (a fraction of capacity) keep the load in use, unless
         #: they cross full capacity (``state.load_deadband``).
         self.load_deadband = load_deadband
+        #: Share of capacity a node without a load record is taken to carry
+        #: (``routing.load_prior``); None: unknown.
+        self.load_prior = load_prior
+        #: Mean download duration: how fast redirects sent fade from the expected load
+        #: (``state.estimated_download_s``).
+        self.download_s = download_s
+        self._clock = clock
         self._records: dict[str, _NodeRecords] = {}
         self.statuses: dict[str, NodeStatus] = {}
         #: Bumped on every change, so derived caches know when to rebuild.
@@ -191,7 +238,7 @@ class LiveState:
         for node in nodes:
             kept = old.get(node.id)
             self._records[node.id] = (
-                _NodeRecords(node, kept.probes, kept.load, kept.admin)
+                _NodeRecords(node, kept.probes, kept.load, kept.admin, kept.sent, kept.sent_at)
                 if kept
                 else _NodeRecords(node)
             )
@@ -201,7 +248,11 @@ class LiveState:
 
     def _status(self, records: _NodeRecords) -> NodeStatus:
         probe = preferred_probe(records.probes.values(), self.vantage)
-        return node_status(records.node, probe, records.load, records.admin, probing=self.probing)
+        sent = faded(records.sent, self._clock() - records.sent_at, self.download_s)
+        return node_status(
+            records.node, probe, records.load, records.admin, probing=self.probing,
+            sent=sent, load_prior=self.load_prior,
+        )  # fmt: skip
 
     def _refresh(self, node_id: str) -> None:
         records = self._records[node_id]
@@ -235,7 +286,28 @@ class LiveState:
         if records.load is not None and records.load.measured_at > record.measured_at:
             return
         records.load = record
+        if record.source != "redirects":
+            # A reading counts the downloads of the redirects sent before it.
+            records.sent = 0.0
         self._refresh(record.node_id)
+
+    def count_redirect(self, node_id: str) -> None:
+        """Count one redirect to ``node_id`` against its expected load. On the request path:
+        a few arithmetic operations, and a new status only when the load moves past the
+        deadband or the node turns full."""
+        records = self._records.get(node_id)
+        if records is None:
+            return
+        now = self._clock()
+        records.sent = faded(records.sent, now - records.sent_at, self.download_s) + 1.0
+        records.sent_at = now
+        self._refresh(node_id)
+
+    def fade_loads(self) -> None:
+        """Take up how the redirects sent have faded from every node's expected load since
+        (run periodically, off the request path)."""
+        for node_id in self._records:
+            self._refresh(node_id)
 
     def apply_admin(self, record: AdminRecord) -> None:
         records = self._records.get(record.node_id)

@@ -430,6 +430,7 @@ class InProcessStore:
         self._smoothed.keep_only(node.id for node in nodes)
 
     async def _close_window(self) -> None:
+        self.live.fade_loads()
         counts = self.redirects.rotate()
         now = self._clock()
         for node in self._nodes:
@@ -883,6 +884,7 @@ class RedisStore:
         return math.floor(now / self._state.redirect_window_s)
 
     async def _tick(self) -> None:
+        self.live.fade_loads()
         now = self._clock()
         current = self._window_index(now)
         counting = self._window

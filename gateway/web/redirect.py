@@ -86,6 +86,7 @@ def record_redirect(
     node = decision.node
     if node is not None:
         runtime.store.redirects.count(node.id)
+        runtime.store.live.count_redirect(node.id)
     return record_outcome(
         runtime,
         "node" if node else "upstream",

@@ -61,6 +61,8 @@ def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
         vantage=config.probing.vantage,
         probing=config.probing.enabled,
         load_deadband=config.state.load_deadband,
+        load_prior=config.routing.load_prior,
+        download_s=config.state.estimated_download_s,
     )
     redirects = RedirectCounter()
     store: StateStore

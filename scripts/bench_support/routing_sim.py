@@ -259,7 +259,7 @@ class _SampleLocator:
 
 
 def domestic_countries(config: GatewayConfig) -> frozenset[str]:
-    return frozenset(getattr(config.routing, "domestic_first", ()))
+    return config.routing.domestic_first
 
 
 def allowed(node: NodeConfig, location: Location, config: GatewayConfig) -> bool:
@@ -276,7 +276,16 @@ def simulate(world: World, clients: Sequence[SimClient], options: Options) -> Re
     state = config.state
     rng = random.Random(options.seed)
     router = Router(config, _SampleLocator(clients), random.Random(options.seed))
-    live = LiveState(config.nodes, vantage="sim", probing=False, load_deadband=state.load_deadband)
+    clock = [0.0]
+    live = LiveState(
+        config.nodes,
+        vantage="sim",
+        probing=False,
+        load_deadband=state.load_deadband,
+        load_prior=config.routing.load_prior,
+        download_s=state.estimated_download_s,
+        clock=lambda: clock[0],
+    )
     counter = RedirectCounter()
     smoothed = SmoothedRedirects(state.redirect_smoothing)
     active: Counter[str] = Counter()
@@ -314,7 +323,9 @@ def simulate(world: World, clients: Sequence[SimClient], options: Options) -> Re
     heapq.heapify(events)
     while events:
         now, _, kind, payload = heapq.heappop(events)
+        clock[0] = now
         if kind == "read":
+            live.fade_loads()
             read_loads(now)
         elif kind == "window":
             close_window(now)
@@ -335,7 +346,9 @@ def simulate(world: World, clients: Sequence[SimClient], options: Options) -> Re
                 n.config.country == location.country for n in eligible
             )
             if node is not None:
+                # What the gateway does with a redirect (web.redirect.record_redirect).
                 counter.count(node.id)
+                live.count_redirect(node.id)
                 active[node.id] += 1
                 result.peak[node.id] = max(result.peak[node.id], active[node.id])
                 order += 1
