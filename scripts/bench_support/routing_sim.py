@@ -40,6 +40,7 @@ from gateway.config import (
     GatewayConfig,
     GeoIPConfig,
     NodeConfig,
+    RoutingConfig,
     config_from_mapping,
     read_yaml,
 )
@@ -47,7 +48,7 @@ from gateway.geo.clientip import ClientAddress
 from gateway.geo.locator import IPAddress, Location, MaxMindLocator
 from gateway.hf.paths import FileRef
 from gateway.routing.router import Router
-from gateway.routing.rule import Exclusion, configured_exclusion, distance_to
+from gateway.routing.rule import Exclusion, configured_exclusion, distance_to, near_equal_bound
 from gateway.state.live import LiveState, LoadRecord, RedirectCounter, SmoothedRedirects
 from gateway.state.store import redirect_load
 
@@ -112,7 +113,8 @@ class Outcome:
     client: SimClient
     node: NodeConfig | None
     km: float
-    #: Nearest node that was up, allowed and not full at the time.
+    #: Nearest node that was up, allowed and not full at the time (in the client's country
+    #: when domestic-first holds there and one was).
     nearest: NodeConfig | None
     nearest_km: float
     #: Whether a domestic node was allowed, up and not full (domestic-first countries only).
@@ -341,10 +343,10 @@ def simulate(world: World, clients: Sequence[SimClient], options: Options) -> Re
             eligible = [
                 n for n in world.nodes if allowed(n.config, location, config) and is_free(n)
             ]
-            nearest = min(eligible, key=lambda n: _km(n.config, location), default=None)
-            domestic_free = location.country in result.domestic and any(
-                n.config.country == location.country for n in eligible
-            )
+            home = [n for n in eligible if n.config.country == location.country]
+            domestic_free = location.country in result.domestic and bool(home)
+            nearby = home if domestic_free else eligible
+            nearest = min(nearby, key=lambda n: _km(n.config, location), default=None)
             if node is not None:
                 # What the gateway does with a redirect (web.redirect.record_redirect).
                 counter.count(node.id)
@@ -427,8 +429,11 @@ class Summary:
     #: Sent abroad from a domestic-first country while a domestic node was up and free.
     domestic_violations: int
     upstream: int
-    #: Same-ASN choices: the largest distance past the nearest eligible node.
+    #: Same-ASN choices: the largest distance past the nearest eligible node ...
     same_asn_worst_km: float
+    #: ... and how many went past it by more than the configured bound: the bonuses the node
+    #: had plus the near-equal band at the nearest node's distance.
+    same_asn_beyond_bound: int
     detours: tuple[tuple[float, Outcome], ...]
 
     @property
@@ -440,15 +445,21 @@ class Summary:
         return max(self.over_share.values(), default=0.0)
 
 
-def summarize(result: Result, detours: int = 5) -> Summary:
+def summarize(result: Result, policy: RoutingConfig, detours: int = 5) -> Summary:
     routed = [o for o in result.outcomes if o.node is not None]
     kms = sorted(o.km for o in routed)
     cross = [o for o in routed if o.node is not None and o.node.country != o.client.location.country]
     same_asn = [
-        o.km - o.nearest_km
+        o
         for o in routed
         if o.node is not None and o.client.location.asn in o.node.asns and o.nearest is not None
     ]
+
+    def bound(o: Outcome) -> float:
+        home = o.node is not None and o.node.country == o.client.location.country
+        band = near_equal_bound(o.nearest_km, policy) - o.nearest_km
+        return policy.asn_bonus_km + (policy.country_bonus_km if home else 0.0) + band
+
     ranked = sorted(
         ((o.km - o.nearest_km, o) for o in routed if o.nearest is not None),
         key=lambda pair: pair[0],
@@ -466,7 +477,8 @@ def summarize(result: Result, detours: int = 5) -> Summary:
         cross_border=len(cross),
         domestic_violations=sum(o.domestic_free for o in cross),
         upstream=len(result.outcomes) - len(routed),
-        same_asn_worst_km=max(same_asn, default=0.0),
+        same_asn_worst_km=max((o.km - o.nearest_km for o in same_asn), default=0.0),
+        same_asn_beyond_bound=sum(o.km - o.nearest_km > bound(o) for o in same_asn),
         detours=tuple(ranked[:detours]),
     )
 
@@ -480,8 +492,8 @@ def render(summary: Summary, label: str) -> str:
         f"mean {summary.optimum_mean_km:.0f} km; gateway / optimum {summary.ratio:.3f}",
         f"worst over-share of free capacity {summary.worst_over_share:.2f}; cross-border "
         f"{summary.cross_border} (domestic-first violations {summary.domestic_violations}); "
-        f"upstream {summary.upstream}; same-ASN worst excess "
-        f"{summary.same_asn_worst_km:.0f} km",
+        f"upstream {summary.upstream}; same-ASN choices past the nearest by at most "
+        f"{summary.same_asn_worst_km:.0f} km, {summary.same_asn_beyond_bound} beyond the bound",
         "over-share per node (peak / free capacity), highest first:",
     ]
     shares = sorted(summary.over_share.items(), key=lambda item: -item[1])
@@ -531,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = f"{len(clients)} clients, {len(world.nodes)} nodes, " + (
         "with ASNs" if options.asn else "no ASN database"
     )
-    print(render(summarize(result), label))
+    print(render(summarize(result, world.config.routing), label))
     return 0
 
 
