@@ -209,7 +209,9 @@ class NodeIndex:
                 _in(self._in_continent, cell.continent),
             )
             # max_tier: only nodes sharing the client's network, country or continent, as set.
-            allowed.intersection_update(member for group in groups[: widest + 1] for member in group)
+            allowed.intersection_update(
+                member for group in groups[: widest + 1] for member in group
+            )
         domestic: Collection[_Member] = ()
         if cell.country is not None and cell.country in policy.domestic_first:
             domestic = [m for m in _in(self._in_country, cell.country) if m in allowed]

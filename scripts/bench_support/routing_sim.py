@@ -29,7 +29,7 @@ import statistics
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,9 @@ def load_world(world_path: Path, config_path: Path | None) -> World:
         if entry.get("publishes_load", True):
             node["load_url"] = f"{node['url']}/load"
         entries.append(node)
-        extras.append((float(entry.get("background", 0.0)), bool(entry.get("publishes_load", True))))
+        extras.append(
+            (float(entry.get("background", 0.0)), bool(entry.get("publishes_load", True)))
+        )
     try:
         config = config_from_mapping({**data, "nodes": entries})
     except ConfigError as exc:
@@ -233,14 +235,8 @@ def with_networks(
                 asn = candidate
                 break
             pick -= share
-        location = client.location
-        placed.append(
-            SimClient(
-                client.ip,
-                Location(location.country, location.continent, location.latitude,
-                         location.longitude, asn, None if asn is None else f"AS{asn}"),
-            )  # fmt: skip
-        )
+        asn_org = None if asn is None else f"AS{asn}"
+        placed.append(SimClient(client.ip, replace(client.location, asn=asn, asn_org=asn_org)))
     return placed
 
 
@@ -273,98 +269,117 @@ def _km(node: NodeConfig, location: Location) -> float:
     return 0.0 if distance is None else distance
 
 
-def simulate(world: World, clients: Sequence[SimClient], options: Options) -> Result:
-    config = world.config
-    state = config.state
-    rng = random.Random(options.seed)
-    router = Router(config, _SampleLocator(clients), random.Random(options.seed))
-    clock = [0.0]
-    live = LiveState(
-        config.nodes,
-        vantage="sim",
-        probing=False,
-        load_deadband=state.load_deadband,
-        load_prior=config.routing.load_prior,
-        download_s=state.estimated_download_s,
-        clock=lambda: clock[0],
-    )
-    counter = RedirectCounter()
-    smoothed = SmoothedRedirects(state.redirect_smoothing)
-    active: Counter[str] = Counter()
-    result = Result(nodes=world.nodes, domestic=domestic_countries(config))
+class _Simulation:
+    """One run: the gateway's router and live state, the nodes' true load, the outcomes."""
 
-    def read_loads(now: float) -> None:
-        for node in world.nodes:
+    def __init__(self, world: World, clients: Sequence[SimClient], options: Options) -> None:
+        config = world.config
+        self.world, self.options, self.config = world, options, config
+        self.now = 0.0
+        self.router = Router(config, _SampleLocator(clients), random.Random(options.seed))
+        self.live = LiveState(
+            config.nodes,
+            vantage="sim",
+            probing=False,
+            load_deadband=config.state.load_deadband,
+            load_prior=config.routing.load_prior,
+            download_s=config.state.estimated_download_s,
+            clock=lambda: self.now,
+        )
+        self.counter = RedirectCounter()
+        self.smoothed = SmoothedRedirects(config.state.redirect_smoothing)
+        #: Downloads under way per node, from the gateway's clients.
+        self.active: Counter[str] = Counter()
+        self.result = Result(nodes=world.nodes, domestic=config.routing.domestic_first)
+        # (time, order, kind, payload); order keeps events at one time deterministic.
+        rng = random.Random(options.seed)
+        self.events: list[tuple[float, int, str, Any]] = [
+            (rng.uniform(0.0, options.arrival_s), i, "arrive", client)
+            for i, client in enumerate(clients, 1)
+        ]
+        self.order = len(clients)
+        end = options.arrival_s + options.hold_s
+        ticks = int(end / options.reading_s) + 1
+        self.events += [(i * options.reading_s, -2, "read", None) for i in range(ticks)]
+        window_s = config.state.redirect_window_s
+        self.events += [(i * window_s, -1, "window", None) for i in range(1, int(end / window_s))]
+        heapq.heapify(self.events)
+
+    def run(self) -> Result:
+        while self.events:
+            self.now, _, kind, payload = heapq.heappop(self.events)
+            if kind == "read":
+                self.live.fade_loads()
+                self.read_loads()
+            elif kind == "window":
+                self.close_window()
+            elif kind == "leave":
+                self.active[payload] -= 1
+            else:
+                self.arrive(payload)
+        return self.result
+
+    def read_loads(self) -> None:
+        """What nodes that publish their load report (their load pollers' readings)."""
+        for node in self.world.nodes:
             if node.publishes_load:
-                connections = node.background * node.capacity + active[node.config.id]
-                live.apply_load(
-                    LoadRecord(node.config.id, "status-json", connections, measured_at=now)
+                connections = node.background * node.capacity + self.active[node.config.id]
+                self.live.apply_load(
+                    LoadRecord(node.config.id, "status-json", connections, measured_at=self.now)
                 )
 
-    def close_window(now: float) -> None:
-        counts = counter.rotate()
-        for node in world.nodes:
+    def close_window(self) -> None:
+        """The estimates of nodes that publish no load, as the state store makes them."""
+        counts = self.counter.rotate()
+        for node in self.world.nodes:
             if not node.publishes_load:
-                count = smoothed.add(node.config.id, counts.get(node.config.id, 0))
-                live.apply_load(redirect_load(node.config.id, count, state, now))
-
-    def is_free(node: SimNode) -> bool:
-        return node.background * node.capacity + active[node.config.id] < node.capacity
-
-    # Events: (time, order, kind, payload); order keeps equal times deterministic.
-    events: list[tuple[float, int, str, Any]] = []
-    order = 0
-    for client in clients:
-        order += 1
-        events.append((rng.uniform(0.0, options.arrival_s), order, "arrive", client))
-    end = options.arrival_s + options.hold_s
-    ticks = int(end / options.reading_s) + 1
-    events += [(i * options.reading_s, -2, "read", None) for i in range(ticks)]
-    windows = int(end / state.redirect_window_s) + 1
-    events += [(i * state.redirect_window_s, -1, "window", None) for i in range(1, windows)]
-    heapq.heapify(events)
-    while events:
-        now, _, kind, payload = heapq.heappop(events)
-        clock[0] = now
-        if kind == "read":
-            live.fade_loads()
-            read_loads(now)
-        elif kind == "window":
-            close_window(now)
-        elif kind == "leave":
-            active[payload] -= 1
-        else:
-            client: SimClient = payload
-            location = client.location
-            placement = router.placement(ClientAddress(client.ip, "peer"))
-            route = router.route(REF, placement, live.statuses, counter.current,
-                                 version=live.version)  # fmt: skip
-            node = route.decision.node
-            eligible = [
-                n for n in world.nodes if allowed(n.config, location, config) and is_free(n)
-            ]
-            home = [n for n in eligible if n.config.country == location.country]
-            domestic_free = location.country in result.domestic and bool(home)
-            nearby = home if domestic_free else eligible
-            nearest = min(nearby, key=lambda n: _km(n.config, location), default=None)
-            if node is not None:
-                # What the gateway does with a redirect (web.redirect.record_redirect).
-                counter.count(node.id)
-                live.count_redirect(node.id)
-                active[node.id] += 1
-                result.peak[node.id] = max(result.peak[node.id], active[node.id])
-                order += 1
-                heapq.heappush(events, (now + options.hold_s, order, "leave", node.id))
-            result.outcomes.append(
-                Outcome(
-                    client,
-                    node,
-                    _km(node, location) if node else math.nan,
-                    nearest.config if nearest else None,
-                    _km(nearest.config, location) if nearest else math.nan,
-                    domestic_free,
+                count = self.smoothed.add(node.config.id, counts.get(node.config.id, 0))
+                self.live.apply_load(
+                    redirect_load(node.config.id, count, self.config.state, self.now)
                 )
+
+    def is_free(self, node: SimNode) -> bool:
+        return node.background * node.capacity + self.active[node.config.id] < node.capacity
+
+    def arrive(self, client: SimClient) -> None:
+        location = client.location
+        placement = self.router.placement(ClientAddress(client.ip, "peer"))
+        route = self.router.route(
+            REF, placement, self.live.statuses, self.counter.current, version=self.live.version
+        )
+        node = route.decision.node
+        eligible = [
+            n
+            for n in self.world.nodes
+            if allowed(n.config, location, self.config) and self.is_free(n)
+        ]
+        home = [n for n in eligible if n.config.country == location.country]
+        domestic_free = location.country in self.result.domestic and bool(home)
+        nearby = home if domestic_free else eligible
+        nearest = min(nearby, key=lambda n: _km(n.config, location), default=None)
+        if node is not None:
+            # What the gateway does with a redirect (web.redirect.record_redirect).
+            self.counter.count(node.id)
+            self.live.count_redirect(node.id)
+            self.active[node.id] += 1
+            self.result.peak[node.id] = max(self.result.peak[node.id], self.active[node.id])
+            self.order += 1
+            leave = self.now + self.options.hold_s
+            heapq.heappush(self.events, (leave, self.order, "leave", node.id))
+        self.result.outcomes.append(
+            Outcome(
+                client,
+                node,
+                _km(node, location) if node else math.nan,
+                nearest.config if nearest else None,
+                _km(nearest.config, location) if nearest else math.nan,
+                domestic_free,
             )
+        )
+
+
+def simulate(world: World, clients: Sequence[SimClient], options: Options) -> Result:
+    result = _Simulation(world, clients, options).run()
     result.optimum_km = optimum_mean_km(world, clients)
     return result
 
@@ -448,7 +463,9 @@ class Summary:
 def summarize(result: Result, policy: RoutingConfig, detours: int = 5) -> Summary:
     routed = [o for o in result.outcomes if o.node is not None]
     kms = sorted(o.km for o in routed)
-    cross = [o for o in routed if o.node is not None and o.node.country != o.client.location.country]
+    cross = [
+        o for o in routed if o.node is not None and o.node.country != o.client.location.country
+    ]
     same_asn = [
         o
         for o in routed
@@ -486,8 +503,7 @@ def summarize(result: Result, policy: RoutingConfig, detours: int = 5) -> Summar
 def render(summary: Summary, label: str) -> str:
     lines = [
         f"== {label}",
-        f"mean {summary.mean_km:.0f} km, p50 {summary.p50_km:.0f} km, "
-        f"p95 {summary.p95_km:.0f} km",
+        f"mean {summary.mean_km:.0f} km, p50 {summary.p50_km:.0f} km, p95 {summary.p95_km:.0f} km",
         f"nearest eligible: mean {summary.nearest_mean_km:.0f} km; capacity-aware optimum: "
         f"mean {summary.optimum_mean_km:.0f} km; gateway / optimum {summary.ratio:.3f}",
         f"worst over-share of free capacity {summary.worst_over_share:.2f}; cross-border "
@@ -566,4 +582,3 @@ def draw_clients(
     finally:
         locator.close()
     return with_networks(clients, world.networks, rng) if options.asn else clients
-
