@@ -1,4 +1,4 @@
-"""Cached rankings: only the front of each tier is kept, keyed by what the ranking depends on.
+"""Cached rankings: only the front of each level is kept, keyed by what the ranking depends on.
 
 A request must decide exactly as explain's reading of every node even when it reads past the
 kept front, as it does when most nearby nodes are down or lack the revision; clients that
@@ -24,7 +24,7 @@ from gateway.hf.paths import FileRef
 from gateway.routing import ranking
 from gateway.routing.ranking import FRONT, NodeIndex
 from gateway.routing.router import WIDEN, Router
-from gateway.routing.rule import TIERS, Decision, Tier, distance_to
+from gateway.routing.rule import LEVELS, Decision, Level, cost, distance_to
 from gateway.state.live import NodeStatus
 
 # Few distinct places, so that equal distances (and the weight/id tie-break) are common.
@@ -69,28 +69,40 @@ clients = st.builds(
     asn=st.sampled_from([None, 4134, 2516, 64512]),
 )
 tiers = st.sampled_from(["asn", "country", "continent", "any"])
+domestic = st.sampled_from([frozenset(), frozenset({"CN"}), frozenset({"CN", "JP"})])
 
 
 @settings(max_examples=300)
-@given(nodes=nodes, client=clients, max_tier=tiers, front=st.integers(1, 5))
+@given(
+    nodes=nodes, client=clients, max_tier=tiers, domestic_first=domestic, front=st.integers(1, 5)
+)
 def test_a_front_is_the_start_of_the_full_ranking(
-    nodes: list[NodeConfig], client: Location, max_tier: str, front: int
+    nodes: list[NodeConfig],
+    client: Location,
+    max_tier: str,
+    domestic_first: frozenset[str],
+    front: int,
 ) -> None:
-    policy = RoutingConfig(max_tier=max_tier)  # type: ignore[arg-type]
+    policy = RoutingConfig(max_tier=max_tier, domestic_first=domestic_first)  # type: ignore[arg-type]
     index = NodeIndex(nodes)
     complete, _ = index.explained(client, policy)
     kept = index.ranking(index.cell(client), policy, front)
     whole = index.ranking(index.cell(client), policy, len(nodes))
-    for tier in TIERS:
-        full = list(complete[tier])
-        assert list(kept.fronts[tier]) == full[:front]
-        assert list(whole.fronts[tier]) == full
+    for level in LEVELS:
+        full = list(complete[level])
+        assert list(kept.fronts[level]) == full[:front]
+        assert list(whole.fronts[level]) == full
         assert all(d == distance_to(node, client) for node, d in full)
-        # Every node past the front is at least as far as the front's reach.
+        # Every node past the front costs at least the front's reach.
         if len(full) > front:
-            assert all((d or 0.0) >= kept.reaches[tier] for _, d in full[front:])
+            costs = [cost(node, d, client, NodeStatus(), policy).total for node, d in full]
+            assert costs == sorted(costs)
+            assert all(c >= kept.reaches[level] for c in costs[front:])
         else:
-            assert kept.reaches[tier] == math.inf
+            assert kept.reaches[level] == math.inf
+    # Domestic-first clients see their country's nodes, and only those, first.
+    home = client.country in domestic_first
+    assert all(home and node.country == client.country for node, _ in complete[Level.DOMESTIC])
 
 
 live = st.builds(
@@ -118,6 +130,8 @@ def assert_decides_as_explained(fast: Decision, full: Decision) -> None:
     warm=st.sets(st.integers(0, 59)),
     near_km=st.sampled_from([0.0, 100.0, 5000.0]),
     max_tier=tiers,
+    domestic_first=domestic,
+    asn_bonus_km=st.sampled_from([0.0, 100.0, 3000.0]),
     seed=st.integers(0, 2**32),
 )
 def test_reads_past_a_tiny_front_decide_as_explain(
@@ -128,26 +142,40 @@ def test_reads_past_a_tiny_front_decide_as_explain(
     warm: set[int],
     near_km: float,
     max_tier: str,
+    domestic_first: frozenset[str],
+    asn_bonus_km: float,
     seed: int,
 ) -> None:
     """Most nodes down or without the revision: requests read past fronts of 2 nodes. That
-    must not change a decision, nor which caches hold the file."""
+    must not change a decision, nor which caches hold the file; neither may the cache of
+    priced candidates, as the live state moves on (a new version)."""
     statuses = {node.id: states[i] for i, node in enumerate(nodes)}
     revisions = Lacking(
         {node.id for i, node in enumerate(nodes) if i in missing},
         warm=frozenset(node.id for i, node in enumerate(nodes) if i in warm),
     )
-    policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
+    policy = RoutingConfig(
+        near_equal_km=near_km,
+        max_tier=max_tier,  # type: ignore[arg-type]
+        domestic_first=domestic_first,
+        asn_bonus_km=asn_bonus_km,
+    )
     config = GatewayConfig(routing=policy, nodes=tuple(nodes))
+    # The next version of the live state: every load moved, latencies gone.
+    later = {
+        node_id: replace(status, load=None if status.load is None else 1.2 - status.load)
+        for node_id, status in statuses.items()
+    }
     locator = FixedLocator({ip(1): client})
     router, reference = (Router(config, locator, random.Random(seed)) for _ in range(2))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ranking, "FRONT", 2)
-        for _ in range(2):  # first scoring the cell, then from the cached candidates
+        # First scoring the cell, then from the cached candidates, then after a change.
+        for version, state in ((1, statuses), (1, statuses), (2, later), (2, later)):
             placed = router.placement(address(1))
-            fast = router.route(REF, placed, statuses, revisions=revisions, version=1).decision
-            full = reference.route(REF, placed, statuses, revisions=revisions, explain=True)
-            assert_decides_as_explained(fast, full.decision)
+            fast = router.route(REF, placed, state, revisions=revisions, version=version)
+            full = reference.route(REF, placed, state, revisions=revisions, explain=True)
+            assert_decides_as_explained(fast.decision, full.decision)
 
 
 class Lacking:
@@ -236,34 +264,43 @@ def test_clients_differing_only_in_an_unreferenced_asn_share_a_ranking() -> None
     # AS4134 (listed by n00000) and AS9808 (served by "mobile") each get their own ranking;
     # AS4808 is no different from no ASN at all.
     assert len(router._cells) == 3
-    assert decisions[0].reason == "same_asn"
+    explained = router.route(REF, router.placement(address(1)), explain=True).decision
+    bonuses = {c.node.id: c.cost.asn_bonus_km for c in explained.candidates}
+    assert bonuses["n00000"] == RoutingConfig().asn_bonus_km
     assert decisions[1] == decisions[2]
 
 
 def test_a_kept_ranking_does_not_grow_with_the_node_count() -> None:
     sizes = []
+    # 640 nodes within 5 degrees put FRONT of them within ~120 km: a near-equal band that
+    # wide could not be told from a front, and the cell would be widened.
+    narrow = RoutingConfig(near_equal_km=20.0)
     for count in (FRONT + 1, 20 * FRONT):
-        router = Router(GatewayConfig(nodes=world(count)), FixedLocator({ip(1): BEIJING}))
+        config = GatewayConfig(routing=narrow, nodes=world(count))
+        router = Router(config, FixedLocator({ip(1): BEIJING}))
         router.route(REF, router.placement(address(1)))
         ((_, entry),) = router._cells.newest_first()
         sizes.append(entry.ranking.size)
-    # n00000 is alone in the ASN tier; the rest share the country tier, of which FRONT are kept.
-    assert sizes == [1 + FRONT] * 2
+    # All in one level, of which FRONT are kept.
+    assert sizes == [FRONT] * 2
 
 
 def test_a_cell_whose_nearest_nodes_cannot_tell_is_widened_and_stays_wide() -> None:
     nodes = world(20 * FRONT)
-    router = Router(GatewayConfig(nodes=nodes), FixedLocator({ip(1): BEIJING}))
+    locator = FixedLocator({ip(1): BEIJING})
+    # Seeded alike, so that both draw the same node among near-equals.
+    router = Router(GatewayConfig(nodes=nodes), locator, random.Random(1))
+    reference = Router(GatewayConfig(nodes=nodes), locator, random.Random(1))
     placed = router.placement(address(1))
-    nearest = router._index.ranking(placed.cell, router.config.routing).fronts[Tier.COUNTRY]
+    nearest = router._index.ranking(placed.cell, router.config.routing).fronts[Level.OPEN]
     # Every node a first ranking keeps lacks the revision: only a wider front can tell.
     revisions = Lacking({node.id for node, _ in nearest})
     route = router.route(REF, placed, revisions=revisions, version=1)
-    explained = router.route(REF, placed, revisions=revisions, explain=True)
+    explained = reference.route(REF, placed, revisions=revisions, explain=True)
     assert route.decision.node is not None and route.decision.node == explained.decision.node
     ((_, entry),) = router._cells.newest_first()
     assert entry.ranking.front == FRONT * WIDEN
-    assert router._cells.weight == entry.ranking.size > 1 + FRONT
+    assert router._cells.weight == entry.ranking.size > FRONT
     router.route(REF, placed, revisions=revisions, version=1)
     ((_, again),) = router._cells.newest_first()
     assert again is entry  # decided from the wide ranking, not widened again

@@ -2,8 +2,10 @@
 
 A ranking depends on the configuration and on the client's *cell* (the part of its location
 the rule reads), never on live state, so the router keeps one per cell for as long as the
-configuration holds. It keeps the nearest ``front`` nodes of each level and how far the rest
-are at least, which is all the rule needs as long as the best costs stay within that reach;
+configuration holds. It orders each level's nodes by their cost before live state (distance
+less the bonuses for sharing the client's network and country, ``rule.Cost``) and keeps the
+first ``front`` of them and what the rest cost at least, which is all the rule needs as long
+as the best costs stay within that reach (live state only adds to a cost);
 where they do not (a dense place, most of the nearest nodes down or lacking the revision),
 the router ranks the cell again with a wider front.
 """
@@ -52,9 +54,13 @@ class Cell(NamedTuple):
 
 #: A node's position in the configured nodes.
 _Member = int
-#: A node ready for ranking: (distance or 0 if unknown, its rank by weight and id, distance).
+#: A node ready for ranking: (its cost before live state, taking an unknown distance as 0; its
+#: rank by weight and id; its distance).
 _Keyed = tuple[float, int, float | None]
 _Key = TypeVar("_Key")
+#: Per node with any, its (network, country) bonuses for one cell.
+_Bonuses = dict[_Member, tuple[float, float]]
+_NO_BONUS = (0.0, 0.0)
 
 
 def _group(
@@ -75,14 +81,14 @@ def _in(groups: Mapping[_Key, tuple[_Member, ...]], key: _Key | None) -> tuple[_
 
 @dataclass(frozen=True, slots=True)
 class Ranking:
-    """One cell's nodes per level, nearest first; ties go to the heavier node, then by id."""
+    """One cell's nodes per level, cheapest first; ties go to the heavier node, then by id."""
 
     cell: Cell
     #: How many nodes of each level were kept at most.
     front: int
     #: Indexed by ``Level``: the level's first nodes with their distances.
     fronts: tuple[tuple[tuple[NodeConfig, float | None], ...], ...]
-    #: Indexed by ``Level``: how far every node past the front is at least (``math.inf`` when
+    #: Indexed by ``Level``: what every node past the front costs at least (``math.inf`` when
     #: the front is the whole level).
     reaches: tuple[float, ...]
 
@@ -174,10 +180,9 @@ class NodeIndex:
         fronts = []
         reaches = []
         for members in self.levels(cell, policy):
-            nearest = self.ranked(members, cell, front)
-            fronts.append(tuple(nearest))
-            # Nodes without coordinates sort as if at distance 0.
-            reaches.append((nearest[-1][1] or 0.0) if len(members) > len(nearest) else math.inf)
+            keyed = self._cheapest(members, cell, policy, front)
+            fronts.append(self._listed(keyed))
+            reaches.append(keyed[-1][0] if len(members) > len(keyed) else math.inf)
         return Ranking(cell, front, tuple(fronts), tuple(reaches))
 
     def explained(
@@ -186,7 +191,10 @@ class NodeIndex:
         """Every level in full for ``client``, and the exclusions configuration makes: what
         explain shows. The levels are those a ranking of the client's cell gives."""
         cell = self.cell(client)
-        levels = [self.ranked(members, cell, None) for members in self.levels(cell, policy)]
+        levels = [
+            list(self._listed(self._cheapest(members, cell, policy, None)))
+            for members in self.levels(cell, policy)
+        ]
         excluded = [
             found
             for node in self._nodes
@@ -218,23 +226,42 @@ class NodeIndex:
             allowed.difference_update(domestic)
         return [domestic, allowed]
 
-    def ranked(
-        self, members: Collection[_Member], cell: Cell, front: int | None
-    ) -> list[tuple[NodeConfig, float | None]]:
-        """``members`` nearest first: the first ``front`` of them, or all when None."""
+    def _cheapest(
+        self, members: Collection[_Member], cell: Cell, policy: RoutingConfig, front: int | None
+    ) -> list[_Keyed]:
+        """``members`` cheapest first: the first ``front`` of them, or all when None."""
+        bonuses = self._bonuses(cell, policy)
         if front is None or len(members) <= front:
-            keyed = sorted(self._keyed(members, cell))
-        elif cell.latitude is None or cell.longitude is None:
-            keyed = heapq.nsmallest(front, self._keyed(members, cell))
-        else:
-            keyed = self._nearest(set(members), cell, cell.latitude, front)
-        by_rank = self._by_rank
-        return [(by_rank[position], distance) for _, position, distance in keyed]
-
-    def _keyed(self, members: Iterable[_Member], cell: Cell) -> list[_Keyed]:
-        rank = self._rank
+            return sorted(self._keyed(members, cell, bonuses))
         if cell.latitude is None or cell.longitude is None:
-            return [(0.0, rank[member], None) for member in members]
+            return heapq.nsmallest(front, self._keyed(members, cell, bonuses))
+        return self._nearest(set(members), cell, cell.latitude, front, bonuses)
+
+    def _listed(self, keyed: list[_Keyed]) -> tuple[tuple[NodeConfig, float | None], ...]:
+        by_rank = self._by_rank
+        return tuple((by_rank[position], distance) for _, position, distance in keyed)
+
+    def _bonuses(self, cell: Cell, policy: RoutingConfig) -> _Bonuses:
+        """The nodes with a bonus for ``cell``'s clients: its network and country bonuses."""
+        asn = frozenset(_in(self._in_asn, cell.asn))
+        country = frozenset(_in(self._in_country, cell.country))
+        return {
+            member: (
+                policy.asn_bonus_km if member in asn else 0.0,
+                policy.country_bonus_km if member in country else 0.0,
+            )
+            for member in asn | country
+        }
+
+    def _keyed(self, members: Iterable[_Member], cell: Cell, bonuses: _Bonuses) -> list[_Keyed]:
+        rank = self._rank
+        keyed: list[_Keyed] = []
+        append = keyed.append
+        if cell.latitude is None or cell.longitude is None:
+            for member in members:
+                asn, country = bonuses.get(member, _NO_BONUS)
+                append((0.0 - asn - country, rank[member], None))
+            return keyed
         phi1 = math.radians(cell.latitude)
         cos1 = math.cos(phi1)
         lon1 = cell.longitude
@@ -242,44 +269,51 @@ class NodeIndex:
         # Names bound locally: this loop runs for thousands of nodes per cell.
         sin, asin, sqrt, radians = math.sin, math.asin, math.sqrt, math.radians
         diameter = 2 * EARTH_RADIUS_KM
-        keyed: list[_Keyed] = []
-        append = keyed.append
+        get = bonuses.get
         for member in members:
             place = places[member]
+            asn, country = get(member, _NO_BONUS) if bonuses else _NO_BONUS
             if place is None:
-                append((0.0, rank[member], None))
+                append((0.0 - asn - country, rank[member], None))
                 continue
             phi2, cos2, lon2 = place
-            # rule.distance_km term for term, so distances and the ties between them are
-            # exactly those explain shows.
+            # rule.distance_km term for term, and the bonuses subtracted as rule.Cost.total
+            # does, so costs and the ties between them are exactly those explain shows.
             a = sin((phi2 - phi1) / 2) ** 2 + cos1 * cos2 * sin(radians(lon2 - lon1) / 2) ** 2
             distance = diameter * asin(min(1.0, sqrt(a)))
-            append((distance, rank[member], distance))
+            append((distance - asn - country, rank[member], distance))
         return keyed
 
     def _nearest(
-        self, members: Container[_Member], cell: Cell, latitude: float, front: int
+        self,
+        members: Container[_Member],
+        cell: Cell,
+        latitude: float,
+        front: int,
+        bonuses: _Bonuses,
     ) -> list[_Keyed]:
         """The first ``front`` of ``members``, found in a latitude band around the cell that
         widens until they are known: a node outside a band of half-width w radians is at least
-        w times the earth's radius away, so once ``front`` nodes in the band are nearer than
-        that, no node outside can precede them. Most nodes are then never measured."""
+        w times the earth's radius away, and costs that less its bonuses, so once ``front``
+        nodes in the band cost less than that, no node outside can precede them. Most nodes
+        are then never measured."""
         phi = math.radians(latitude)
         latitudes, order = self._latitudes, self._by_latitude
-        found = self._keyed((m for m in self._unplaced if m in members), cell)
+        largest = max((asn + country for asn, country in bonuses.values()), default=0.0)
+        found = self._keyed((m for m in self._unplaced if m in members), cell, bonuses)
         low = high = bisect.bisect_left(latitudes, phi)
         width = _FIRST_BAND
         while True:
             wider_low = bisect.bisect_left(latitudes, phi - width)
             wider_high = bisect.bisect_right(latitudes, phi + width)
-            found += self._keyed((m for m in order[wider_low:low] if m in members), cell)
-            found += self._keyed((m for m in order[high:wider_high] if m in members), cell)
+            found += self._keyed((m for m in order[wider_low:low] if m in members), cell, bonuses)
+            found += self._keyed((m for m in order[high:wider_high] if m in members), cell, bonuses)
             low, high = wider_low, wider_high
             if len(found) >= front:
                 found = heapq.nsmallest(front, found)
                 # The margin covers rounding in the distances, which are never below the bound
                 # by more than a few ulps.
-                if found[-1][0] < EARTH_RADIUS_KM * width * (1 - 1e-9):
+                if found[-1][0] < EARTH_RADIUS_KM * width * (1 - 1e-9) - largest:
                     return found
             if low == 0 and high == len(order):
                 return heapq.nsmallest(front, found)

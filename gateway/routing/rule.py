@@ -18,8 +18,8 @@ rendezvous hashing, so one file keeps hitting one cache. The reserve serves only
 node may; no node at all sends the client upstream.
 
 Scoring needs only the client's routing cell and the live state, so its result can be cached per
-cell (``router``); a level may be scored from its nearest nodes only (``ranking``), as a node's
-cost is at least its distance less both bonuses: ``decide`` says when that cannot tell.
+cell (``router``); a level may be scored from its cheapest nodes before live state only
+(``ranking``), as live state only adds to a cost: ``decide`` says when that cannot tell.
 """
 
 from __future__ import annotations
@@ -285,11 +285,6 @@ def cost(
     )
 
 
-def largest_bonus(policy: RoutingConfig) -> float:
-    """The most a node's cost can fall below its distance."""
-    return policy.asn_bonus_km + policy.country_bonus_km
-
-
 def near_equal_bound(best: float, policy: RoutingConfig) -> float:
     """The highest cost that still counts as equally good as ``best``."""
     return best + max(policy.near_equal_km, max(best, 0.0) * policy.near_equal_ratio)
@@ -411,8 +406,8 @@ class LevelCandidates(NamedTuple):
     accepted: tuple[Candidate, ...]
     #: Full: chosen only when no level has an accepted node holding the file.
     reserve: tuple[Candidate, ...]
-    #: Every node of the level not listed costs at least this much (its distance is at least
-    #: the ranking's reach, less both bonuses); ``math.inf`` when the level is listed whole.
+    #: Every node of the level not listed costs at least this much (the ranking's reach: live
+    #: state only adds to a cost); ``math.inf`` when the level is listed whole.
     reach: float
 
 
@@ -430,8 +425,8 @@ def score_level(
     reach: float = math.inf,
     excluded: list[Exclusion] | None = None,
 ) -> LevelCandidates:
-    """Filter ``nodes`` (one level's, with their distances, every one at least ``reach`` km
-    away listed) by live state and price the rest for ``client``. Nodes that take no clients
+    """Filter ``nodes`` (one level's, with their distances; every node of the level not listed
+    costs at least ``reach``) by live state and price the rest for ``client``. Nodes that take no clients
     are left out, with their reason in ``excluded`` when given."""
     accepted: list[Candidate] = []
     reserve: list[Candidate] = []
@@ -446,7 +441,7 @@ def score_level(
         (reserve if at_capacity(status) else accepted).append(candidate)
     accepted.sort(key=_by_preference)
     reserve.sort(key=_by_preference)
-    return LevelCandidates(tuple(accepted), tuple(reserve), reach - largest_bonus(policy))
+    return LevelCandidates(tuple(accepted), tuple(reserve), reach)
 
 
 def _holding(
