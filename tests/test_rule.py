@@ -10,27 +10,31 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import NodeConfig, RoutingConfig, ServiceArea
+from gateway.config import Capacity, NodeConfig, RoutingConfig, ServiceArea
 from gateway.geo.locator import UNKNOWN_LOCATION, Location
 from gateway.routing.ranking import NodeIndex
 from gateway.routing.router import WIDEN
 from gateway.routing.rule import (
-    TIERS,
+    LEVELS,
     Candidate,
+    Cost,
     Decision,
     Exclusion,
+    Level,
+    LevelCandidates,
     Tier,
-    TierCandidates,
     at_capacity,
     bounded_rendezvous,
     choose,
     configured_exclusion,
+    cost,
     decide,
     distance_km,
+    level_of,
     near_equal_bound,
     rendezvous_order,
-    score,
-    score_tier,
+    score_level,
+    shares,
     takes_clients,
 )
 from gateway.state.live import NO_LIVE_STATE, NodeStatus
@@ -81,18 +85,18 @@ def evaluate(
     warm_caches: Container[str] = frozenset(),
 ) -> Decision:
     """The explain decision over every node: every candidate and every exclusion."""
-    tiers, configured = NodeIndex(nodes).explained(client, policy)
+    levels, configured = NodeIndex(nodes).explained(client, policy)
     excluded = [*configured]
     scored = [
-        score_tier(tier, members, statuses, policy, excluded=excluded)
-        for tier, members in zip(TIERS, tiers, strict=True)
+        score_level(level, members, client, statuses, policy, excluded=excluded)
+        for level, members in zip(LEVELS, levels, strict=True)
     ]
     missing = unavailable or {}
     decision = decide(
         scored, policy, rng, unavailable=lambda node: missing.get(node.id), key=key,
         recent=recent, warm_caches=warm_caches, excluded=excluded,
     )  # fmt: skip
-    assert decision is not None  # every tier is whole
+    assert decision is not None  # every level is whole
     return decision
 
 
@@ -115,9 +119,10 @@ def brute_force(
         if not takes_clients(status, policy) or node.id in unavailable:
             continue
         distance = ranking_distance(node, client)
-        candidate = Candidate(node, tier, distance, score(distance, status, policy), status.load)
+        priced = cost(node, distance, client, status, policy)
+        candidate = Candidate(node, tier, priced, status.load, level_of(node, client, policy))
         (reserve if at_capacity(status) else accepted).append(candidate)
-    order = lambda c: (c.tier, c.score, -c.node.weight, c.node.id)  # noqa: E731
+    order = lambda c: (c.level, c.score, -c.node.weight, c.node.id)  # noqa: E731
     return sorted(accepted, key=order), sorted(reserve, key=order)
 
 
@@ -284,7 +289,7 @@ def test_every_exclusion_carries_a_reason(
     assert detail in by_node[node_id].detail
 
 
-def test_candidates_sorted_by_tier_then_distance() -> None:
+def test_candidates_sorted_by_cost() -> None:
     accepted = evaluate(NODES, GUANGZHOU_CLIENT, NO_LIVE_STATE, ANY, random.Random(1)).candidates
     assert [(c.node.id, c.tier) for c in accepted] == [
         ("gz", Tier.COUNTRY),
@@ -306,7 +311,7 @@ def test_weights_share_traffic_among_near_equals() -> None:
     rng = random.Random(42)
     picks: Counter[str] = Counter()
     for _ in range(4000):
-        chosen = choose(accepted, ANY, rng)
+        chosen, _ = choose(accepted, ANY, rng)
         assert chosen is not None
         picks[chosen.node.id] += 1
     assert picks["far"] == 0
@@ -358,29 +363,185 @@ def test_decision_properties(
         return
     status = live.get(decision.node.id, NodeStatus())
     assert decision.node.enabled and status.up and not status.draining and not status.disabled
-    assert decision.candidates[0].tier == min(c.tier for c in decision.candidates)
+    assert decision.candidates[0].level == min(c.level for c in decision.candidates)
     chosen = next(c for c in decision.candidates if c.node == decision.node)
-    assert chosen.tier == decision.candidates[0].tier
+    assert chosen.level == decision.candidates[0].level
+    assert chosen.score <= near_equal_bound(decision.candidates[0].score, policy)
     area = decision.node.serves
     assert (
         area.everywhere or client.country in area.countries or client.continent in area.continents
     )
 
 
-def test_latency_and_load_enter_the_score() -> None:
-    # Shanghai is ~1070 km from a Beijing client; a slow, busy Beijing node loses to it.
-    bj = replace(BEIJING, asns=frozenset())
-    fast = {"bj": NodeStatus(latency_ms=5), "sh": NodeStatus(latency_ms=5)}
-    slow_busy = {
-        "bj": NodeStatus(latency_ms=80, load=0.9),
-        "sh": NodeStatus(latency_ms=5, load=0.1),
-    }
-    client = BEIJING_CLIENT
-    assert evaluate((bj, SHANGHAI), client, fast, ANY, random.Random(1)).node == bj
-    decision = evaluate((bj, SHANGHAI), client, slow_busy, ANY, random.Random(1))
-    assert decision.node == SHANGHAI
-    scores = {c.node.id: c.score for c in decision.candidates}
-    assert scores["bj"] == pytest.approx(distance_km(39.9, 116.4, 39.9042, 116.4074) + 800 + 1800)
+MUMBAI_AWS = Location("IN", "AS", 19.08, 72.88, 16509)
+VLADIVOSTOK = Location("RU", "EU", 43.12, 131.89, None)
+YANJI = Location("CN", "AS", 42.9, 129.5, 4134)
+VIRGINIA_AWS = NodeConfig(
+    "iad", "https://iad.example", country="US", continent="NA", latitude=39.04,
+    longitude=-77.49, asns=frozenset({16509}),
+)  # fmt: skip
+MUMBAI = NodeConfig(
+    "bom", "https://bom.example", country="IN", continent="AS", latitude=19.07, longitude=72.87
+)
+MOSCOW = NodeConfig(
+    "mow", "https://mow.example", country="RU", continent="EU", latitude=55.76, longitude=37.62
+)
+SEOUL = NodeConfig(
+    "sel", "https://sel.example", country="KR", continent="AS", latitude=37.57, longitude=126.98
+)
+BEIJING_OPEN = replace(BEIJING, serves=ServiceArea())
+
+COST_CASES = [
+    # (id, node, client, status, policy, expected terms)
+    ("distance-only", FRANKFURT, US_CLIENT, NodeStatus(), ANY,
+     Cost(distance_km(39.0, -77.5, 50.1109, 8.6821))),
+    ("no-coordinates", replace(FRANKFURT, latitude=None, longitude=None), US_CLIENT,
+     NodeStatus(), ANY, Cost(None)),
+    ("latency-in-km", FRANKFURT, US_CLIENT, NodeStatus(latency_ms=12.5), ANY,
+     Cost(distance_km(39.0, -77.5, 50.1109, 8.6821), latency_km=125.0)),
+    ("latency-rate-configured", FRANKFURT, US_CLIENT, NodeStatus(latency_ms=12.5),
+     RoutingConfig(km_per_latency_ms=2.0),
+     Cost(distance_km(39.0, -77.5, 50.1109, 8.6821), latency_km=25.0)),
+    ("same-country", SHANGHAI, BEIJING_CLIENT, NodeStatus(), ANY,
+     Cost(distance_km(39.9, 116.4, 31.2304, 121.4737), country_bonus_km=200.0)),
+    ("same-asn-and-country", BEIJING, BEIJING_CLIENT, NodeStatus(), ANY,
+     Cost(distance_km(39.9, 116.4, 39.9042, 116.4074), asn_bonus_km=100.0,
+          country_bonus_km=200.0)),
+    ("same-asn-abroad", VIRGINIA_AWS, MUMBAI_AWS, NodeStatus(),
+     RoutingConfig(asn_bonus_km=150.0),
+     Cost(distance_km(19.08, 72.88, 39.04, -77.49), asn_bonus_km=150.0)),
+    ("load-is-no-cost", FRANKFURT, US_CLIENT, NodeStatus(load=0.95), ANY,
+     Cost(distance_km(39.0, -77.5, 50.1109, 8.6821))),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("node", "client", "status", "policy", "expected"),
+    [c[1:] for c in COST_CASES],
+    ids=[c[0] for c in COST_CASES],
+)
+def test_every_cost_term(
+    node: NodeConfig, client: Location, status: NodeStatus, policy: RoutingConfig, expected: Cost
+) -> None:
+    priced = cost(node, ranking_distance(node, client), client, status, policy)
+    assert priced == expected
+    assert priced.total == pytest.approx(
+        (expected.distance_km or 0.0)
+        + expected.latency_km
+        - expected.asn_bonus_km
+        - expected.country_bonus_km
+    )
+
+
+DOMESTIC = RoutingConfig(domestic_first=frozenset({"CN"}))
+
+COST_DECISIONS = [
+    # (id, nodes, client, statuses, policy, expected node, reason)
+    # The ASN bonus is bounded: a node 12 km away beats one in the client's network 12,800 km.
+    ("same-asn-far-loses", (VIRGINIA_AWS, MUMBAI), MUMBAI_AWS, {}, ANY, "bom", "same_country"),
+    # ... but it decides between two nodes in the same country nearly as close.
+    ("same-asn-close-wins",
+     (replace(VIRGINIA_AWS, country="IN", latitude=19.3, longitude=72.9), MUMBAI),
+     MUMBAI_AWS, {}, ANY, "iad", "same_asn"),
+    # The country bonus is bounded: Seoul (~750 km) beats Moscow (~6,400 km) for Vladivostok.
+    ("closer-abroad-beats-home", (MOSCOW, SEOUL), VLADIVOSTOK, {}, ANY, "sel", "nearest"),
+    # Without domestic-first, a Yanji client goes to Seoul (~690 km), not Beijing (~1,080).
+    ("no-domestic-first", (BEIJING_OPEN, SEOUL), YANJI, {}, ANY, "sel", "same_continent"),
+    ("domestic-first-stays-home", (BEIJING_OPEN, SEOUL), YANJI, {}, DOMESTIC, "bj", "same_asn"),
+    ("domestic-first-node-down", (BEIJING_OPEN, SEOUL), YANJI,
+     {"bj": NodeStatus(up=False)}, DOMESTIC, "sel", "same_continent"),
+    ("domestic-first-node-full", (BEIJING_OPEN, SEOUL), YANJI,
+     {"bj": NodeStatus(load=1.0)}, DOMESTIC, "sel", "same_continent"),
+    ("domestic-first-other-country", (MOSCOW, SEOUL), VLADIVOSTOK, {}, DOMESTIC, "sel",
+     "nearest"),
+    # Latency counts as distance: 150 ms (1,500 km) sends a Beijing client to Shanghai.
+    ("latency-tips", (replace(BEIJING, asns=frozenset()), SHANGHAI), BEIJING_CLIENT,
+     {"bj": NodeStatus(latency_ms=150), "sh": NodeStatus(latency_ms=5)}, ANY, "sh",
+     "same_country"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("nodes", "client", "statuses", "policy", "node_id", "reason"),
+    [c[1:] for c in COST_DECISIONS],
+    ids=[c[0] for c in COST_DECISIONS],
+)
+def test_cost_decisions(
+    nodes: Sequence[NodeConfig],
+    client: Location,
+    statuses: dict[str, NodeStatus],
+    policy: RoutingConfig,
+    node_id: str,
+    reason: str,
+) -> None:
+    decision = evaluate(nodes, client, statuses, policy, random.Random(3))
+    assert decision.node is not None and decision.node.id == node_id
+    assert decision.reason == reason
+
+
+def test_load_shapes_the_shares_not_the_cost() -> None:
+    # Two Beijing nodes: a busy big one and an idle small one share by free connections.
+    big = replace(BEIJING, id="big", asns=frozenset(), capacity=Capacity(connections=500))
+    small = replace(big, id="small", latitude=39.95, capacity=Capacity(connections=100))
+    state = {"big": NodeStatus(load=0.9), "small": NodeStatus(load=0.2)}
+    decision = evaluate((big, small), BEIJING_CLIENT, state, ANY, random.Random(1))
+    assert dict(decision.shares) == pytest.approx({"big": 50 / 130, "small": 80 / 130})
+    costs = {c.node.id: c.score for c in decision.candidates}
+    assert costs["big"] == pytest.approx(distance_km(39.9, 116.4, 39.9042, 116.4074) - 200)
+
+
+SHARE_CASES = [
+    # (id, (capacity, load, weight) per node, expected shares)
+    ("free-connections", [(500, 0.9, 1.0), (100, 0.2, 1.0)], [50 / 130, 80 / 130]),
+    ("times-weight", [(100, 0.5, 3.0), (100, 0.5, 1.0)], [0.75, 0.25]),
+    ("no-reading-takes-the-prior", [(100, None, 1.0), (100, 0.0, 1.0)], [50 / 150, 100 / 150]),
+    ("no-capacity-compares-fractions", [(None, 0.5, 1.0), (400, 0.75, 1.0)], [2 / 3, 1 / 3]),
+    ("all-full-by-weight", [(100, 1.0, 2.0), (100, 1.2, 1.0)], [2 / 3, 1 / 3]),
+]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "expected"), [c[1:] for c in SHARE_CASES], ids=[c[0] for c in SHARE_CASES]
+)
+def test_shares(nodes: list[tuple[int | None, float | None, float]], expected: list[float]) -> None:
+    pool = [
+        Candidate(
+            replace(FRANKFURT, id=f"n{i}", weight=weight, capacity=Capacity(connections=capacity)),
+            Tier.ANY,
+            Cost(100.0),
+            load,
+        )
+        for i, (capacity, load, weight) in enumerate(nodes)
+    ]
+    assert shares(pool, ANY) == pytest.approx(expected)
+
+
+def test_traffic_splits_by_free_capacity() -> None:
+    big = replace(FRANKFURT, id="big", capacity=Capacity(connections=300))
+    small = replace(FRANKFURT, id="small", latitude=50.2, capacity=Capacity(connections=100))
+    state = {"big": NodeStatus(load=0.5), "small": NodeStatus(load=0.5)}
+    picks = Counter(
+        n.id
+        for seed in range(2000)
+        if (n := evaluate((big, small), US_CLIENT, state, ANY, random.Random(seed)).node)
+    )
+    assert 0.71 < picks["big"] / 2000 < 0.79  # 150 free against 50
+
+
+def test_a_seeded_rng_repeats_every_decision() -> None:
+    pool = [replace(FRANKFURT, id=f"fra{i}", capacity=Capacity(connections=100 * (i + 1)))
+            for i in range(5)]  # fmt: skip
+    state = {n.id: NodeStatus(load=0.1 * i) for i, n in enumerate(pool)}
+
+    def run(seed: int) -> list[str | None]:
+        rng = random.Random(seed)
+        return [
+            d.node.id if (d := evaluate(pool, US_CLIENT, state, ANY, rng)).node else None
+            for _ in range(50)
+        ]
+
+    assert run(11) == run(11)
+    assert len(set(run(11))) > 1
 
 
 def test_node_at_capacity_only_as_last_resort() -> None:
@@ -505,6 +666,7 @@ live_states = st.builds(
     missing=st.sets(st.integers(0, 24)),
     near_km=st.sampled_from([0.0, 100.0, 2000.0]),
     max_tier=st.sampled_from(["asn", "country", "continent", "any"]),
+    domestic_first=st.sampled_from([frozenset(), frozenset({"CN"}), frozenset({"CN", "JP"})]),
     front=st.sampled_from([1, 2, 3, 32]),
     seed=st.integers(0, 2**32),
 )
@@ -515,24 +677,29 @@ def test_a_request_decides_as_scoring_every_node_would(
     missing: set[int],
     near_km: float,
     max_tier: str,
+    domestic_first: frozenset[str],
     front: int,
     seed: int,
 ) -> None:
-    """A request scores the nearest nodes of each tier only and stops reading early; the
-    decision is the one scoring every node gives: the same pool (so the same draw), and the
+    """A request prices the cheapest nodes of each level only and stops reading early; the
+    decision is the one pricing every node gives: the same pool (so the same draw), and the
     best candidates in the same order."""
-    policy = RoutingConfig(near_equal_km=near_km, max_tier=max_tier)  # type: ignore[arg-type]
+    policy = RoutingConfig(
+        near_equal_km=near_km,
+        max_tier=max_tier,  # type: ignore[arg-type]
+        domestic_first=domestic_first,
+    )
     statuses = {node.id: states[i] for i, node in enumerate(nodes)}
     unavailable = {node.id: "not synced" for i, node in enumerate(nodes) if i in missing}
     accepted, reserve = brute_force(nodes, client, statuses, policy, unavailable)
     index = NodeIndex(nodes)
     cell = index.cell(client)
 
-    def scored(width: int) -> list[TierCandidates]:
+    def scored(width: int) -> list[LevelCandidates]:
         kept = index.ranking(cell, policy, width)
         return [
-            score_tier(tier, members, statuses, policy, reach=reach)
-            for tier, members, reach in zip(TIERS, kept.fronts, kept.reaches, strict=True)
+            score_level(level, members, cell, statuses, policy, reach=reach)
+            for level, members, reach in zip(LEVELS, kept.fronts, kept.reaches, strict=True)
         ]
 
     rng = random.Random(seed)
@@ -546,7 +713,7 @@ def test_a_request_decides_as_scoring_every_node_would(
         )  # fmt: skip
         width *= WIDEN
     assert decision is not None
-    expected = choose(accepted or reserve, policy, random.Random(seed), key="k")
+    expected, _ = choose(accepted or reserve, policy, random.Random(seed), key="k")
     assert decision.node == (expected.node if expected else None)
     assert decision.candidates == tuple(accepted[: len(decision.candidates)])
     assert len(decision.candidates) >= min(3, len(accepted))
@@ -559,4 +726,6 @@ def test_a_request_decides_as_scoring_every_node_would(
 
 def test_the_near_equal_bound_is_the_wider_of_km_and_ratio() -> None:
     assert near_equal_bound(100.0, ANY) == 200.0
-    assert near_equal_bound(1000.0, ANY) == 1250.0
+    assert near_equal_bound(3000.0, ANY) == 3300.0
+    # A cost below zero (bonuses past the distance) takes the km band alone.
+    assert near_equal_bound(-250.0, ANY) == -150.0
