@@ -122,7 +122,8 @@ def _explain(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     cdn_country = args.cdn_country.upper() if args.cdn_country else None
     client = ClientAddress(ip=ip, source="peer", cdn_country=cdn_country)
-    report = route_report(router.route(ref, router.placement(client), explain=True))
+    route = router.route(ref, router.placement(client), explain=True)
+    report = route_report(route, router.config.routing)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     router.locator.close()
     return 0

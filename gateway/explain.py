@@ -13,12 +13,21 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.config import NodeConfig
+from gateway.config import NodeConfig, RoutingConfig
 from gateway.geo.clientip import ClientAddress
 from gateway.geo.locator import Location
 from gateway.hf.paths import FileRef, resolve_path_for
 from gateway.routing.router import Route
-from gateway.routing.rule import Candidate, ChoiceReason, Exclusion, distance_to, tier_of
+from gateway.routing.rule import (
+    Candidate,
+    ChoiceReason,
+    Cost,
+    Exclusion,
+    cost,
+    distance_to,
+    level_of,
+    tier_of,
+)
 from gateway.runtime import Runtime
 from gateway.state.live import NO_LIVE_STATE, NODE_ASSUMED_UP, NodeStatus, NodeStatuses
 from gateway.web.plan import Plan, UpstreamOnly, plan_route
@@ -35,14 +44,45 @@ _CHOICE_TEXT: dict[ChoiceReason, str] = {
 }
 
 
-def _candidate(candidate: Candidate, chosen_id: str | None) -> dict[str, Any]:
+def _candidate(
+    candidate: Candidate, chosen_id: str | None, shares: Mapping[str, float]
+) -> dict[str, Any]:
     return {
         "node": candidate.node.id,
         "chosen": candidate.node.id == chosen_id,
         "tier": candidate.tier.config_name,
+        "level": candidate.level.name.lower(),
         "distance_km": _km(candidate.distance_km),
         "score": round(candidate.score, 3),
+        "cost": _cost(candidate.cost),
         "weight": candidate.node.weight,
+        "share": round(shares.get(candidate.node.id, 0.0), 4),
+    }
+
+
+def _cost(terms: Cost) -> dict[str, Any]:
+    """Every term of a node's cost in km, and their sum (``rule.Cost``)."""
+    return {
+        "distance_km": _km(terms.distance_km),
+        "latency_km": round(terms.latency_km, 1),
+        "asn_bonus_km": terms.asn_bonus_km,
+        "country_bonus_km": terms.country_bonus_km,
+        "total_km": round(terms.total, 1),
+    }
+
+
+def _capacity(node: NodeConfig, status: NodeStatus, policy: RoutingConfig) -> dict[str, Any]:
+    """The load the rule reads, and the free connections it shares traffic by."""
+    connections = node.capacity.connections
+    assumed = status.load is None and connections is not None
+    load = policy.load_prior if assumed else status.load
+    return {
+        "capacity_connections": connections,
+        "expected_load": None if load is None else round(load, 3),
+        "load_assumed": assumed,
+        "free_connections": None
+        if load is None or connections is None
+        else round(max(0.0, 1.0 - load) * connections, 1),
     }
 
 
@@ -87,8 +127,11 @@ def _node(
     reason: str,
     detail: str,
     tier: str,
-    distance: float | None,
+    level: str,
+    terms: Cost,
     score: float | None,
+    share: float,
+    policy: RoutingConfig,
     missing: str | None,
     other_commit: str | None,
 ) -> dict[str, Any]:
@@ -102,8 +145,12 @@ def _node(
         "detail": detail,
         "state": _live(status),
         "tier": tier,
-        "distance_km": _km(distance),
+        "level": level,
+        "distance_km": _km(terms.distance_km),
         "score": None if score is None else round(score, 3),
+        "cost": _cost(terms),
+        **_capacity(node, status, policy),
+        "share": round(share, 4),
         "holds_revision": missing is None,
         "serves_commit": other_commit,
         "sync_detail": missing,
@@ -112,6 +159,7 @@ def _node(
 
 def _nodes(
     route: Route,
+    policy: RoutingConfig,
     statuses: NodeStatuses,
     unavailable: Mapping[str, str],
     node_revisions: Mapping[str, str],
@@ -123,6 +171,7 @@ def _nodes(
     decision = route.decision
     chosen_id = decision.node.id if decision.node else None
     eligible = len(decision.candidates)
+    shares = dict(decision.shares)
     rows = []
     for rank, candidate in enumerate(decision.candidates, 1):
         node = candidate.node
@@ -131,33 +180,41 @@ def _nodes(
             _node(
                 node,
                 statuses.get(node.id, NODE_ASSUMED_UP),
+                policy=policy,
                 outcome="chosen" if chosen else "eligible",
                 reason=decision.reason if chosen else "eligible",
                 detail=f"{_CHOICE_TEXT[decision.reason]}; rank {rank} of {eligible} eligible"
                 if chosen
                 else f"eligible, rank {rank} of {eligible}; not chosen",
                 tier=candidate.tier.config_name,
-                distance=candidate.distance_km,
+                level=candidate.level.name.lower(),
+                terms=candidate.cost,
                 score=candidate.score,
+                share=shares.get(node.id, 0.0),
                 missing=unavailable.get(node.id),
                 other_commit=node_revisions.get(node.id),
             )
         )
     for exclusion in decision.excluded:
         node = exclusion.node
+        status = statuses.get(node.id, NODE_ASSUMED_UP)
         # The last resort is listed as excluded (at capacity) and yet chosen.
         chosen = node.id == chosen_id
+        location = route.location
         rows.append(
             _node(
                 node,
-                statuses.get(node.id, NODE_ASSUMED_UP),
+                status,
+                policy=policy,
                 outcome="chosen" if chosen else "excluded",
                 reason=decision.reason if chosen else exclusion.reason,
                 detail=exclusion.detail,
-                # Never scored, but where the node is still tells the operator something.
-                tier=tier_of(node, route.location).config_name,
-                distance=distance_to(node, route.location),
+                # Not a candidate, but what it would cost still tells the operator something.
+                tier=tier_of(node, location).config_name,
+                level=level_of(node, location, policy).name.lower(),
+                terms=cost(node, distance_to(node, location), location, status, policy),
                 score=None,
+                share=1.0 if chosen else 0.0,
                 missing=unavailable.get(node.id),
                 other_commit=node_revisions.get(node.id),
             )
@@ -167,11 +224,12 @@ def _nodes(
 
 def route_report(
     route: Route,
+    policy: RoutingConfig,
     statuses: NodeStatuses = NO_LIVE_STATE,
     unavailable: Mapping[str, str] | None = None,
     node_revisions: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The decision as JSON-able data.
+    """The decision as JSON-able data, with every term of every node's cost under ``policy``.
 
     ``statuses`` is the live node state (none: every node up), ``unavailable`` the nodes that
     cannot serve the revision and why (none: every node holds it), ``node_revisions`` the nodes
@@ -189,9 +247,11 @@ def route_report(
             "revision": route.revision,
             "shared_cacheable": route.shared_cacheable,
         },
-        "candidates": [_candidate(c, chosen_id) for c in decision.candidates],
+        "candidates": [
+            _candidate(c, chosen_id, dict(decision.shares)) for c in decision.candidates
+        ],
         "excluded": [_exclusion(e) for e in decision.excluded],
-        "nodes": _nodes(route, statuses, unavailable or {}, node_revisions or {}),
+        "nodes": _nodes(route, policy, statuses, unavailable or {}, node_revisions or {}),
     }
 
 
@@ -245,7 +305,13 @@ async def explain_request(
     unavailable, _, _ = runtime.sync.availability(
         runtime.router.config.nodes, ref.with_revision(plan.revision.commit), ref.revision, now
     )
-    report = route_report(plan.route, runtime.store.live.statuses, unavailable, plan.node_revisions)
+    report = route_report(
+        plan.route,
+        runtime.router.config.routing,
+        runtime.store.live.statuses,
+        unavailable,
+        plan.node_revisions,
+    )
     return {"request": _request(ref, plan, override), **report}
 
 
@@ -272,8 +338,15 @@ _NODE_COLUMNS = (
     ("latency ms", "state.latency_ms"),
     ("load", "state.load"),
     ("tier", "tier"),
-    ("distance km", "distance_km"),
-    ("score", "score"),
+    ("level", "level"),
+    ("distance km", "cost.distance_km"),
+    ("latency km", "cost.latency_km"),
+    ("ASN bonus km", "cost.asn_bonus_km"),
+    ("country bonus km", "cost.country_bonus_km"),
+    ("cost km", "cost.total_km"),
+    ("expected load", "expected_load"),
+    ("free connections", "free_connections"),
+    ("share", "share"),
     ("holds revision", "holds_revision"),
     ("serves commit", "serves_commit"),
     ("sync", "sync_detail"),

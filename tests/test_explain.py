@@ -289,6 +289,16 @@ async def test_report_shows_client_file_and_live_state(world: World) -> None:
     assert nodes["drain"]["state"]["admin"] == "draining"
     assert nodes["admin-off"]["state"]["admin"] == "disabled"
     assert nodes["busy"]["state"]["load"] == 1.0
+    # Every term of every node's cost, and each node's chance among the near-equals.
+    assert nodes["bj"]["cost"]["asn_bonus_km"] == 100.0
+    assert nodes["bj"]["cost"]["country_bonus_km"] == 200.0
+    assert nodes["sh"]["cost"]["asn_bonus_km"] == 0.0
+    assert nodes["sh"]["cost"]["total_km"] == pytest.approx(
+        nodes["sh"]["distance_km"] - 200, abs=0.2
+    )
+    assert nodes["flaky"]["cost"]["latency_km"] == 120.0
+    assert nodes["busy"]["expected_load"] == 1.0 and nodes["busy"]["share"] == 0.0
+    assert sum(node["share"] for node in report["nodes"]) == pytest.approx(1.0)
     assert nodes["bj"]["holds_revision"] is True and nodes["bj"]["sync_detail"] is None
     assert nodes["lag"]["holds_revision"] is False
     assert "does not hold commit" in nodes["lag"]["sync_detail"]

@@ -20,7 +20,6 @@ from gateway.routing.rule import (
     Cost,
     Decision,
     Exclusion,
-    Level,
     LevelCandidates,
     Tier,
     at_capacity,

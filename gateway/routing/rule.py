@@ -425,9 +425,9 @@ def score_level(
     reach: float = math.inf,
     excluded: list[Exclusion] | None = None,
 ) -> LevelCandidates:
-    """Filter ``nodes`` (one level's, with their distances; every node of the level not listed
-    costs at least ``reach``) by live state and price the rest for ``client``. Nodes that take no clients
-    are left out, with their reason in ``excluded`` when given."""
+    """Filter ``nodes`` (one level's, with their distances; every node of the level not
+    listed costs at least ``reach``) by live state and price the rest for ``client``. Nodes
+    that take no clients are left out, with their reason in ``excluded`` when given."""
     accepted: list[Candidate] = []
     reserve: list[Candidate] = []
     for node, distance in nodes:
