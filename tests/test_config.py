@@ -43,6 +43,17 @@ def test_example_config_expresses_the_china_rule() -> None:
         assert n.continent == "AS"
     assert config.nodes[2].kind == "cache"
     assert config.nodes[0].asns == frozenset({4134})
+    assert config.routing.domestic_first == frozenset({"CN"})
+
+
+def test_routing_keys_and_defaults() -> None:
+    routing = config_from_mapping(
+        {"routing": {"domestic_first": ["cn", "RU"], "asn_bonus_km": 50, "load_prior": 0.25}}
+    ).routing
+    assert routing.domestic_first == frozenset({"CN", "RU"})
+    assert (routing.asn_bonus_km, routing.country_bonus_km) == (50.0, 200.0)
+    assert (routing.near_equal_km, routing.near_equal_ratio) == (100.0, 0.1)
+    assert routing.load_prior == 0.25
 
 
 def test_node_fills_continent_and_centre_from_country() -> None:
@@ -85,6 +96,18 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
         ["client_ip.cdn_country_header", "header name"],
     ),
     ("max-tier", {"routing": {"max_tier": "planet"}}, ["routing.max_tier", "asn, country"]),
+    (
+        "retired-load-penalty",
+        {"routing": {"load_penalty_km": 2000}},
+        ["routing.load_penalty_km", "no longer used", "free capacity", "remove the key"],
+    ),
+    (
+        "domestic-first-country",
+        {"routing": {"domestic_first": ["CN", "XX"]}},
+        ["routing.domestic_first[1]", "'XX'", "ISO 3166-1"],
+    ),
+    ("asn-bonus", {"routing": {"asn_bonus_km": -1}}, ["routing.asn_bonus_km", "0.0..5000.0"]),
+    ("load-prior", {"routing": {"load_prior": 1.5}}, ["routing.load_prior", "0.0..1.0"]),
     ("git-timeout", {"git": {"timeout_s": 0}}, ["git.timeout_s", "1.0..86400.0"]),
     (
         "admission-concurrency",

@@ -1,7 +1,11 @@
 """How load readings become the load routing uses: the deadband that keeps noise from
-re-ranking, and the smoothing of redirect counts over windows."""
+re-ranking, the smoothing of redirect counts over windows, and the expected load (redirects
+sent since a reading, fading with the download duration; a prior before any)."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -115,3 +119,73 @@ def test_smoothed_redirects_forget_dropped_nodes() -> None:
     smoothed.keep_only(["a"])
     assert smoothed.add("a", 0) == 5.0
     assert smoothed.add("b", 0) == 0.0  # starts afresh
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def expecting(clock: Clock, *, prior: float | None = 0.5) -> LiveState:
+    return LiveState(
+        [NODE], vantage="v", probing=False, load_prior=prior, download_s=60.0, clock=clock
+    )
+
+
+def reading(connections: float, at: float) -> LoadRecord:
+    return LoadRecord("n", "status-json", active_connections=connections, measured_at=at)
+
+
+def test_redirects_count_against_a_node_between_readings() -> None:
+    clock = Clock()
+    live = expecting(clock)
+    live.apply_load(reading(400, clock.now))
+    for _ in range(100):
+        live.count_redirect("n")
+    assert live.statuses["n"].load == pytest.approx(0.5)
+    # A new reading counts those downloads itself.
+    live.apply_load(reading(480, clock.now))
+    assert live.statuses["n"].load == pytest.approx(0.48)
+
+
+def test_redirects_fade_with_the_download_duration() -> None:
+    clock = Clock()
+    live = expecting(clock)
+    live.apply_load(reading(0, clock.now))
+    for _ in range(300):
+        live.count_redirect("n")
+    clock.now += 60.0  # one mean download duration: e^-1 of them still under way
+    live.fade_loads()
+    assert live.statuses["n"].load == pytest.approx(0.3 * math.exp(-1))
+
+
+def test_a_node_without_a_reading_starts_from_the_prior() -> None:
+    clock = Clock()
+    assert expecting(clock).statuses["n"].load == 0.5
+    assert expecting(clock, prior=None).statuses["n"].load is None
+    live = expecting(clock)
+    for _ in range(500):
+        live.count_redirect("n")
+    assert live.statuses["n"].load == pytest.approx(1.0)  # full: the rule excludes it
+    # No capacity, nothing to expect.
+    bare = LiveState([replace(NODE, capacity=Capacity())], vantage="v", probing=False,
+                     load_prior=0.5)  # fmt: skip
+    assert bare.statuses["n"].load is None
+
+
+def test_an_estimate_from_redirect_windows_is_a_floor_not_a_reset() -> None:
+    """The windows of a node that publishes no load lag behind; the redirects this instance
+    sent count until the estimate exceeds them, and are not reset by it."""
+    clock = Clock()
+    live = expecting(clock)
+    for _ in range(200):
+        live.count_redirect("n")
+    live.apply_load(load(50, clock.now))
+    assert live.statuses["n"].load == pytest.approx(0.2)
+    live.apply_load(load(300, clock.now + 1))
+    assert live.statuses["n"].load == pytest.approx(0.3)
