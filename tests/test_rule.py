@@ -31,6 +31,7 @@ from gateway.routing.rule import (
     distance_km,
     level_of,
     near_equal_bound,
+    priced,
     rendezvous_order,
     score_level,
     shares,
@@ -118,8 +119,8 @@ def brute_force(
         if not takes_clients(status, policy) or node.id in unavailable:
             continue
         distance = ranking_distance(node, client)
-        priced = cost(node, distance, client, status, policy)
-        candidate = Candidate(node, tier, priced, status.load, level_of(node, client, policy))
+        terms = cost(node, distance, client, status, policy)
+        candidate = priced(node, tier, terms, status.load, level_of(node, client, policy))
         (reserve if at_capacity(status) else accepted).append(candidate)
     order = lambda c: (c.level, c.score, -c.node.weight, c.node.id)  # noqa: E731
     return sorted(accepted, key=order), sorted(reserve, key=order)
@@ -504,7 +505,7 @@ SHARE_CASES = [
 )
 def test_shares(nodes: list[tuple[int | None, float | None, float]], expected: list[float]) -> None:
     pool = [
-        Candidate(
+        priced(
             replace(FRANKFURT, id=f"n{i}", weight=weight, capacity=Capacity(connections=capacity)),
             Tier.ANY,
             Cost(100.0),

@@ -130,18 +130,22 @@ class Candidate(NamedTuple):
     node: NodeConfig
     tier: Tier
     cost: Cost
+    #: ``cost.total``, kept: requests compare it many times (build with ``priced``).
+    score: float
     #: The node's expected load, as a share of its capacity, when it has a capacity.
     load: float | None = None
     level: Level = Level.OPEN
 
     @property
-    def score(self) -> float:
-        """The cost in km: lower is better."""
-        return self.cost.total
-
-    @property
     def distance_km(self) -> float | None:
         return self.cost.distance_km
+
+
+def priced(
+    node: NodeConfig, tier: Tier, cost: Cost, load: float | None = None, level: Level = Level.OPEN
+) -> Candidate:
+    """A candidate priced at ``cost``."""
+    return Candidate(node, tier, cost, cost.total, load, level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,9 +440,9 @@ def score_level(
             if excluded is not None:
                 excluded.append(_live_exclusion(node, status))
             continue
-        priced = cost(node, distance, client, status, policy)
-        candidate = Candidate(node, tier_of(node, client), priced, status.load, level)
-        (reserve if at_capacity(status) else accepted).append(candidate)
+        terms = cost(node, distance, client, status, policy)
+        found = priced(node, tier_of(node, client), terms, status.load, level)
+        (reserve if at_capacity(status) else accepted).append(found)
     accepted.sort(key=_by_preference)
     reserve.sort(key=_by_preference)
     return LevelCandidates(tuple(accepted), tuple(reserve), reach)
@@ -467,8 +471,10 @@ def _holding(
                 excluded.append(Exclusion(candidate.node, "missing_revision", missing))
             continue
         holding.append(candidate)
-        needed = holding[need - 1].score if len(holding) >= need else math.inf
-        bound = max(near_equal_bound(holding[0].score, policy) if pool else -math.inf, needed)
+        # Read on past the ``need``-th only while the near-equals of the best may go on.
+        if len(holding) == need:
+            near = near_equal_bound(holding[0].score, policy) if pool else -math.inf
+            bound = max(near, candidate.score)
     return holding if bound < level.reach or level.reach == math.inf else None
 
 
