@@ -35,10 +35,10 @@ from gateway.web.plan import Plan, UpstreamOnly, plan_route
 UPSTREAM_ONLY = "upstream only (private or gated)"
 
 _CHOICE_TEXT: dict[ChoiceReason, str] = {
-    "same_asn": "a node in the client's own network (ASN)",
-    "same_country": "a node in the client's country",
-    "same_continent": "a node on the client's continent",
-    "nearest": "a node elsewhere: nothing closer is eligible",
+    "same_asn": "a node of least cost, in the client's own network (ASN)",
+    "same_country": "a node of least cost, in the client's country",
+    "same_continent": "a node of least cost, on the client's continent",
+    "nearest": "a node of least cost, on another continent",
     "at_capacity_last_resort": "every eligible node is at capacity; the last resort",
     "no_eligible_node": "no node may serve this client; upstream does",
 }
