@@ -114,6 +114,18 @@ async def test_beijing_client_behind_trusted_proxy_goes_to_domestic_node(
     assert "Vary" not in headers
 
 
+async def test_redirects_count_requests_of_catalogued_files_only(make_client: MakeClient) -> None:
+    client = await make_client()
+    for _ in range(3):
+        status, _, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
+        assert status == 302
+    status, _, _ = await get(client, "/acme/tiny-model/resolve/main/absent.json")
+    assert status == 404
+    requests = client.server.app[RUNTIME].sync.requests
+    assert requests.of("model", "acme/tiny-model", "config.json") == 3
+    assert requests.of("model", "acme/tiny-model", "absent.json") == 0
+
+
 async def test_us_client_goes_upstream(make_client: MakeClient, fake_hub: FakeHub) -> None:
     client = await make_client()
     for method in ("GET", "HEAD"):
