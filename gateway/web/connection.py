@@ -34,6 +34,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from gateway.logs import request_id
 from gateway.metrics import SlowPhase
 from gateway.web.answers import json_error
 from gateway.web.connection_limits import ConnectionLimits, Refused
@@ -286,7 +287,10 @@ class GatewayRequestHandler(RequestHandler):
             log.debug("rejected malformed request from %s: %s", request.remote, explained)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error body")
-        response = json_error(status, _parser_error_code(exc), explained)
+        # No id of the client's to repeat: the request could not be read.
+        response = json_error(
+            status, _parser_error_code(exc), explained, {"X-Request-ID": request_id(None)}
+        )
         response.force_close()
         return response
 
