@@ -17,7 +17,7 @@ from gateway.geo.locator import MaxMindLocator
 from gateway.routing.router import Router
 from gateway.runtime import RUNTIME
 from gateway.web.app import create_app
-from gateway.web.connection import make_runner
+from gateway.web.connection import ConnectionRules, make_runner
 from gateway.web.fastpath import fast_answer_for
 from gateway.web.server import build_runtime, handler_limits
 
@@ -57,7 +57,7 @@ class GatewayTestServer(TestServer):
     """A test server running the production runner, so parser-level errors behave as served."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return make_runner(self.app, fast_answer_for(self.app[RUNTIME]), **kwargs)
+        return make_runner(self.app, ConnectionRules(fast_answer_for(self.app[RUNTIME])), **kwargs)
 
 
 def gateway_config(geoip: GeoIPConfig, upstream_url: str, **sections: Any) -> GatewayConfig:

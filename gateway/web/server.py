@@ -23,7 +23,8 @@ from gateway.state.probe import Prober
 from gateway.state.store import InProcessStore, RedisStore, StateStore
 from gateway.state.sync import SyncTracker
 from gateway.web.app import create_app
-from gateway.web.connection import make_runner
+from gateway.web.connection import ClientTimeouts, ConnectionRules, make_runner
+from gateway.web.connection_limits import ConnectionLimits
 from gateway.web.fastpath import fast_answer_for
 from gateway.web.handlers import metrics_endpoint
 from gateway.workers import MULTIPROC_ENV_VAR
@@ -41,6 +42,21 @@ def handler_limits(config: GatewayConfig) -> dict[str, int]:
         "max_field_size": server.max_header_bytes,
         "max_line_size": max(server.max_header_bytes, 2 * server.max_path_bytes),
     }
+
+
+def connection_rules(config: GatewayConfig, runtime: Runtime) -> ConnectionRules:
+    """The fast path (when on), the connection caps and the head and body timeouts."""
+    server = config.server
+    metrics = runtime.metrics
+    return ConnectionRules(
+        fast_answer=fast_answer_for(runtime),
+        limits=ConnectionLimits.for_server(
+            server, config.client_ip.trusted_proxies, metrics.connection_refused
+        ),
+        timeouts=ClientTimeouts(
+            server.header_timeout_s, server.body_timeout_s, metrics.connection_timed_out
+        ),
+    )
 
 
 def build_router(config: GatewayConfig) -> tuple[Router, tuple[str, ...]]:
@@ -162,8 +178,9 @@ async def serve(
     app = create_app(build_runtime(router, metrics_dir=metrics_dir))
     runner = make_runner(
         app,
-        fast_answer_for(app[RUNTIME]),
+        connection_rules(config, app[RUNTIME]),
         access_log=None,
+        keepalive_timeout=config.server.keepalive_timeout_s,
         handler_cancellation=True,
         shutdown_timeout=SHUTDOWN_GRACE_S,
         **handler_limits(config),
