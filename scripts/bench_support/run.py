@@ -723,6 +723,7 @@ def checks(rows: Sequence[Row], options: Options) -> list[str]:
         )
     else:
         lines.append(f"[----] 1 worker vs baseline: not measured (needs --workers 1, {few} nodes)")
+    # At the fewest nodes and the most: the p99 target covers two workers at 10,000 nodes.
     for workers in options.workers:
         for nodes in sorted({few, many}):
             row = _find(rows, workers, nodes)
