@@ -67,7 +67,7 @@ EXPECTED_WARNINGS = ("GeoIP city database in use is the bundled",)
 EXIT_RUN_FAILED = 1
 EXIT_SETUP_FAILED = 2
 
-# Targets from the issue.
+# Performance targets (docs/performance.md).
 TARGET_RATIO = 0.75
 TARGET_P99_FACTOR = 2.0
 TARGET_SCALING = 1.7
