@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -104,26 +105,51 @@ def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
     )
 
 
-#: Settings read once at start; a reload that changes them only warns.
-_RESTART_ONLY = ("server", "redis", "admin", "state")
+#: Sections read once at start. A reload that changes one warns and keeps the running values
+#: in force, so no part of the gateway works from the new values while another keeps the old
+#: (the catalog fetching from one upstream while redirects name another).
+_RESTART_ONLY = ("redis", "admin", "state", "upstream", "catalog", "metrics")
+
+
+#: ``server`` keys the listener reads when it opens; the rest of ``server`` applies at once.
+_LISTENER_KEYS = (
+    "host", "port", "max_header_bytes", "drain_s", "header_timeout_s", "body_timeout_s",
+    "keepalive_timeout_s", "max_connections", "max_connections_per_ip",
+)  # fmt: skip
+
+
+def _restart_only_changes(config: GatewayConfig, running: GatewayConfig) -> list[str]:
+    """The settings ``config`` changes that only a restart applies, by key or section."""
+    changed = [f"{s}.*" for s in _RESTART_ONLY if getattr(config, s) != getattr(running, s)]
+    changed += [
+        f"server.{key}"
+        for key in _LISTENER_KEYS
+        if getattr(config.server, key) != getattr(running.server, key)
+    ]
+    for key, before, after in (
+        ("probing.enabled", running.probing.enabled, config.probing.enabled),
+        ("logging.format", running.logging.format, config.logging.format),
+    ):
+        if before != after:
+            changed.append(key)
+    return changed
 
 
 def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:
     runtime = app[RUNTIME]
+    running = runtime.router.config
     try:
         config = load()
+        restart_only = _restart_only_changes(config, running)
+        config = replace(config, **{s: getattr(running, s) for s in _RESTART_ONLY})
         router, warnings = build_router(config)
     except (ConfigError, GeoDataError) as exc:
         log.error("reload refused, keeping the running config: %s", exc)
         return
+    for setting in restart_only:
+        log.warning("%s changed; it takes effect after a restart", setting)
     for warning in warnings:
         log.warning("%s", warning)
-    running = runtime.router.config
-    for section in _RESTART_ONLY:
-        if getattr(config, section) != getattr(running, section):
-            log.warning("%s.* settings changed; they take effect after a restart", section)
-    if config.probing.enabled != running.probing.enabled:
-        log.warning("probing.enabled changed; it takes effect after a restart")
     old = runtime.router
     runtime.adopt(router)
     old.locator.close()
