@@ -341,7 +341,7 @@ class NodeConfig:
     enabled: bool = True
     #: Overrides ``probing.probe`` for this node.
     probe: ProbeSpec | None = None
-    #: Where the node publishes its load (absolute URL); see README "Node load".
+    #: Where the node publishes its load (absolute URL); see docs/protocol.md, "Load reports".
     load_url: str | None = None
     load_format: LoadFormat = "json"
     #: Where the node publishes which commits it holds; unset: it is taken to hold everything.

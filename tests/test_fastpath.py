@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.test_utils import TestServer
 from fake_hub import FakeHub
-from test_http import BEIJING_IP, CONFIG_JSON, TOKYO_IP, US_IP, gateway_config
+from http_world import BEIJING_IP, CONFIG_JSON, TOKYO_IP, US_IP, gateway_config
 
 from gateway.config import GeoIPConfig
 from gateway.geo.locator import MaxMindLocator

@@ -2,7 +2,7 @@
 
 Every path and method lands on a handler of ours, so every answer is either a redirect or a
 JSON body saying what was wrong; aiohttp's own text error pages are never reached, and
-malformed requests the HTTP parser rejects are rendered as JSON by ``server.py``.
+malformed requests the HTTP parser rejects are rendered as JSON by ``connection``.
 """
 
 from __future__ import annotations
