@@ -8,7 +8,10 @@ loopback is not a trusted proxy here, so the per-address cap applies to them.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import logging
 import re
 import resource
 import selectors
@@ -23,6 +26,11 @@ import pytest
 from fake_hub import FakeHub
 from geoworld import GeoDBs
 from processes import GatewayProcess, http, request, wait_until
+
+from gateway.metrics import Refusal
+from gateway.web import connection_limits
+from gateway.web.connection_limits import ConnectionLimits, Refused
+from gateway.web.redaction import redact
 
 RESOLVE = "/acme/tiny-model/resolve/main/config.json"
 TOKEN = "hf_" + "Q" * 34
@@ -98,6 +106,66 @@ def gateway(geo_dbs: GeoDBs, fake_hub: FakeHub, tmp_path: Path) -> Iterator[Gate
     )
     yield process
     process.stop()
+
+
+# --------------------------------------------------------------------------- the rules alone
+
+
+async def test_caps_count_per_address_and_in_total_and_exempt_trusted_proxies() -> None:
+    refusals: list[Refusal] = []
+    limits = ConnectionLimits(4, 2, [ipaddress.ip_network("10.0.0.0/8")], refusals.append)
+    a = limits.admit("192.0.2.1")
+    limits.admit("192.0.2.1")
+    with pytest.raises(Refused):
+        limits.admit("192.0.2.1")
+    # One IPv6 /64 is one client; a trusted proxy is held to the total only.
+    limits.admit("2001:db8::1")
+    limits.admit("10.1.1.1")
+    with pytest.raises(Refused):
+        limits.admit("10.1.1.1")
+    assert refusals == ["max_connections_per_ip", "max_connections"]
+    limits.release(a)
+    limits.admit("10.1.1.1")
+    with pytest.raises(Refused):
+        limits.admit("2001:db8::2")  # the total again, before the /64's count of 1 matters
+    limits.release("2001:db8::/64")
+    limits.release(None)
+    limits.admit("2001:db8::ffff")
+
+
+async def test_refusals_are_logged_once_per_interval_and_summed(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection_limits, "REPORT_INTERVAL_S", 0.2)
+    limits = ConnectionLimits(0, 1, [], lambda reason: None)
+    with caplog.at_level(logging.WARNING, "gateway.server"):
+        for _ in range(50):
+            with pytest.raises(Refused):
+                limits.admit("192.0.2.7")
+        assert len(caplog.records) == 1
+        await asyncio.sleep(0.3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused new connections: 1 by max_connections (last from 192.0.2.7)",
+        "refused new connections: 49 by max_connections (last from 192.0.2.7)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"Got more than 8190 bytes when reading: b'Authorization: Bearer {TOKEN}'.",
+        f"Invalid HTTP header: 'Cookie: session={TOKEN}'",
+        f"Invalid header value:\n\n  b'Bearer {TOKEN}'\n       ^",
+        f"unexpected Proxy-Authorization: Basic {TOKEN[3:]}",
+        f"bad token {TOKEN} here",
+        "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+    ],
+)
+def test_redaction_leaves_no_credential(text: str) -> None:
+    redacted = redact(text)
+    assert redacted.split(maxsplit=1)[0] == text.split(maxsplit=1)[0]
+    for secret in (TOKEN[3:15], "Bearer", "session=", "eyJ", "Basic"):
+        assert secret not in redacted
 
 
 # --------------------------------------------------------------------------- timeouts

@@ -56,6 +56,8 @@ _CONNECTION_SLOTS = (
     "_loop",
     "_request_count",
     "_request_in_progress",
+    "_close",
+    "_force_close",
 )
 
 #: Answers a parsed request whole (status line to blank line), or None to leave it to aiohttp.
@@ -196,7 +198,8 @@ class GatewayRequestHandler(RequestHandler):
         elif self._body is not None:
             if self._body.is_eof():
                 self._stop_phase_timer()
-        elif got_data and self._phase_timer is None:
+        elif got_data and self._phase_timer is None and not (self._close or self._force_close):
+            # (A closing connection ignores what it reads: nothing to time.)
             self._start_phase_timer("header")
 
     def _start_phase_timer(self, phase: SlowPhase) -> None:

@@ -32,6 +32,11 @@ from gateway.workers import MULTIPROC_ENV_VAR
 
 log = logging.getLogger("gateway.server")
 
+#: Connections the kernel holds for the worker to accept (capped by net.core.somaxconn).
+#: aiohttp's 128 overflows in a burst of new connections: the kernel then drops their SYNs
+#: and clients wait out a retransmission (1 s, then 3 s, ...) before they are even accepted.
+LISTEN_BACKLOG = 1024
+
 #: How long requests in flight may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 20.0
 
@@ -212,7 +217,7 @@ async def serve(
         **handler_limits(config),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=shared_port)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=shared_port)
     try:
         await site.start()
     except OSError as exc:  # taken since the preflight check, or a worker's reused port
