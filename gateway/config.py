@@ -75,6 +75,18 @@ class ServerConfig:
     #: After SIGTERM, /readyz answers 503 this long while everything else is served as usual,
     #: so load balancers take the instance out before its listener closes. 0: stop at once.
     drain_s: float = 5.0
+    #: A request's head (request line and headers) must arrive whole within this long of its
+    #: first byte (or of the connection opening); slower clients (slowloris) are disconnected.
+    header_timeout_s: float = 10.0
+    #: A request's body must arrive whole within this long of its head.
+    body_timeout_s: float = 60.0
+    #: An idle keep-alive connection is closed after this long.
+    keepalive_timeout_s: float = 75.0
+    #: Client connections one worker holds; past it new connections are closed at once. Lowered
+    #: at start to what the open-file limit leaves room for.
+    max_connections: int = 10_000
+    #: Client connections from one address (an IPv6 /64) at once; trusted proxies are exempt.
+    max_connections_per_ip: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +361,7 @@ class NodeConfig:
     enabled: bool = True
     #: Overrides ``probing.probe`` for this node.
     probe: ProbeSpec | None = None
-    #: Where the node publishes its load (absolute URL); see README "Node load".
+    #: Where the node publishes its load (absolute URL); see docs/protocol.md, "Load reports".
     load_url: str | None = None
     load_format: LoadFormat = "json"
     #: Where the node publishes which commits it holds; unset: it is taken to hold everything.
@@ -588,6 +600,15 @@ def _server(s: _Section) -> ServerConfig:
         public_url=s.get("public_url", None, _http_url),
         fast_path=s.get("fast_path", d.fast_path, _bool),
         drain_s=s.get("drain_s", d.drain_s, _float(0.0, MAX_DRAIN_S)),
+        header_timeout_s=s.get("header_timeout_s", d.header_timeout_s, _float(0.5, 300.0)),
+        body_timeout_s=s.get("body_timeout_s", d.body_timeout_s, _float(0.5, 3600.0)),
+        keepalive_timeout_s=s.get(
+            "keepalive_timeout_s", d.keepalive_timeout_s, _float(0.5, 3600.0)
+        ),
+        max_connections=s.get("max_connections", d.max_connections, _int(1, 1_000_000)),
+        max_connections_per_ip=s.get(
+            "max_connections_per_ip", d.max_connections_per_ip, _int(1, 1_000_000)
+        ),
     )
 
 

@@ -57,6 +57,10 @@ Outcome = Literal["node", "upstream", "error"]
 RouteLabel = Literal["resolve", "api", "admin", "explain", "health", "metrics", "other"]
 UpstreamKind = Literal["api", "resolve"]
 AdminMode = Literal["active", "draining", "disabled"]
+#: Why a new client connection was closed at once (``web.connection_limits``).
+Refusal = Literal["max_connections", "max_connections_per_ip"]
+#: The phase of a request a client took too long to send (``server.*_timeout_s``).
+SlowPhase = Literal["header", "body"]
 
 #: A routing decision takes microseconds; anything past 10 ms is a fault worth seeing as +Inf.
 DECISION_BUCKETS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01)
@@ -427,6 +431,20 @@ class GatewayMetrics:
             ["kind"],
             registry=own,
         )
+        refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "New client connections closed at once: a connection cap was reached.",
+            ["reason"],
+            registry=own,
+        )
+        self._refused = {reason: refused.labels(reason) for reason in get_args(Refusal)}
+        timed_out = Counter(
+            f"{PREFIX}_connections_timed_out",
+            "Client connections closed because a request's head or body came too slowly.",
+            ["phase"],
+            registry=own,
+        )
+        self._timed_out = {phase: timed_out.labels(phase) for phase in get_args(SlowPhase)}
         kinds: tuple[UpstreamKind, ...] = get_args(UpstreamKind)
         # Both kinds up front: error rates then start from an explicit zero.
         self._upstream_seconds = {kind: upstream_seconds.labels(kind) for kind in kinds}
@@ -461,8 +479,7 @@ class GatewayMetrics:
             child = self._request_seconds.labels(route_label, key[1], key[2])
             self._request_children[key] = child
         self._tally.observe(child, seconds)
-        if self._multiprocess and not self._flush_pending:
-            self._schedule_flush()
+        self._flush_soon()
 
     def decision(
         self,
@@ -508,6 +525,14 @@ class GatewayMetrics:
         if status is None or status >= 500:
             self._upstream_errors[kind].inc()
 
+    def connection_refused(self, reason: Refusal) -> None:
+        self._tally.count(self._refused[reason])
+        self._flush_soon()
+
+    def connection_timed_out(self, phase: SlowPhase) -> None:
+        self._tally.count(self._timed_out[phase])
+        self._flush_soon()
+
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition for a scrape with this ``Accept`` header, and its content type."""
         encode, content_type = choose_encoder(accept or "")
@@ -517,6 +542,10 @@ class GatewayMetrics:
         """Add every count made so far to the metrics (a stopping worker's last counts)."""
         self._tally.flush()
         self._catalog.flush(self._sample().catalog)
+
+    def _flush_soon(self) -> None:
+        if self._multiprocess and not self._flush_pending:
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         # A timer rather than the next request: an idle worker's counts must reach the files

@@ -311,3 +311,19 @@ class HfMirrorNode(ThreadedServer):
 
 def _not_found() -> web.Response:
     return web.Response(status=404, text=_NOT_HERE)
+
+
+def node_entry(
+    node_id: str, node: HfMirrorNode, lat: float, lon: float, asns: list[int], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "id": node_id,
+        "url": node.url,
+        "country": "CN",
+        "latitude": lat,
+        "longitude": lon,
+        "asns": asns,
+        "serves": {"countries": ["CN"]},
+        "manifest_url": node.manifest_url,
+        **extra,
+    }

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,10 @@ class GatewayProcess:
         env: dict[str, str] | None = None,
         workers: int = 1,
         drain_s: float = 0.0,
+        log_level: str = "INFO",
+        open_files: int | None = None,
     ) -> None:
+        """``open_files``: the gateway's open-file limit (soft and hard), as ``ulimit -n``."""
         self.port = free_port()
         if isinstance(config, dict):
             # Tests stop gateways all the time: no drain window unless a test asks for one.
@@ -84,9 +89,12 @@ class GatewayProcess:
         self._log_file = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)],
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
+             "--log-level", log_level],
             stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO,
             env={**_base_env(), **(env or {})},
+            # Only setrlimit runs between fork and exec: no lock another thread could hold.
+            preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),  # noqa: PLW1509
         )  # fmt: skip
         try:
             wait_until(self._healthy, 30, "the gateway to start")
@@ -130,6 +138,10 @@ def worker_pids(gateway: GatewayProcess) -> set[int]:
     pid = gateway.process.pid
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return {int(child) for child in children}
+
+
+def _limit_open_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def _base_env() -> dict[str, str]:

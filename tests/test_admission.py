@@ -24,6 +24,8 @@ from tool_world import routed_to, tool_world
 
 from gateway.config import CatalogConfig, NodeConfig, SyncConfig, UpstreamConfig
 from gateway.hf.catalog import Catalog
+from gateway.hf.paths import FileRef
+from gateway.state.popularity import RequestCounts
 from gateway.state.sync import Servable, SyncTracker, new_session, weighted_sample
 
 TINY = ("model", "acme/tiny-model")
@@ -43,6 +45,30 @@ def test_weighted_sample_prefers_large_files_and_respects_bounds() -> None:
         files, 5, 10**8, random.Random(1)
     )
     assert weighted_sample({}, 3, 10, random.Random(1)) == []
+
+
+def test_weighted_sample_prefers_the_most_requested_of_equal_files() -> None:
+    files = {f"shard-{i}": (1000, "") for i in range(20)}
+    counts = RequestCounts()
+    for _ in range(50):
+        counts.count(FileRef("model", "org/m", "main", "shard-7"))
+    picks = [
+        weighted_sample(
+            files, 1, 10**8, random.Random(seed), lambda path: counts.of("model", "org/m", path)
+        )
+        for seed in range(200)
+    ]
+    # Weight 51 against 19 files of weight 1: about 73% of single picks.
+    assert sum(p == ["shard-7"] for p in picks) > 100
+    assert counts.of("model", "org/other", "shard-7") == 0
+
+
+def test_request_counts_keep_a_bounded_number_of_files() -> None:
+    counts = RequestCounts(limit=3)
+    for i in range(10):
+        counts.count(FileRef("model", "org/m", "main", f"file-{i}"))
+    counts.count(FileRef("model", "org/m", "main", "file-9"))
+    assert [counts.of("model", "org/m", f"file-{i}") for i in range(10)] == [0] * 7 + [1, 1, 2]
 
 
 def test_no_client_is_sent_to_a_corrupt_copy_of_a_new_commit(tmp_path: Path) -> None:

@@ -20,9 +20,8 @@ from urllib.parse import quote
 import pytest
 from fake_hub import FakeHub
 from geoworld import BEIJING_IP, GeoDBs
-from hf_nodes import HfMirrorNode
+from hf_nodes import HfMirrorNode, node_entry
 from processes import GatewayProcess, wait_until
-from test_hf_e2e import node_entry
 
 FILES = (
     "config.json",

@@ -231,6 +231,27 @@ BAD_CONFIGS: list[tuple[str, object, list[str]]] = [
     ("drain-range", {"server": {"drain_s": -1}}, ["server.drain_s", "0.0..300.0"]),
     ("drain-type", {"server": {"drain_s": "5s"}}, ["server.drain_s", "a number"]),
     (
+        "header-timeout",
+        {"server": {"header_timeout_s": 0}},
+        ["server.header_timeout_s", "0.5..300.0"],
+    ),
+    ("body-timeout", {"server": {"body_timeout_s": "1m"}}, ["server.body_timeout_s", "a number"]),
+    (
+        "keepalive-timeout",
+        {"server": {"keepalive_timeout_s": 3630}},
+        ["server.keepalive_timeout_s", "0.5..3600.0"],
+    ),
+    (
+        "max-connections",
+        {"server": {"max_connections": 0}},
+        ["server.max_connections", "1..1000000"],
+    ),
+    (
+        "max-connections-per-ip",
+        {"server": {"max_connections_per_ip": 1.5}},
+        ["server.max_connections_per_ip", "an integer"],
+    ),
+    (
         "relay-timeout",
         {"upstream": {"relay_timeout_s": 0}},
         ["upstream.relay_timeout_s", "1.0..86400.0"],

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.test_utils import TestServer
 from fake_hub import FakeHub
-from test_http import BEIJING_IP, CONFIG_JSON, TOKYO_IP, US_IP, gateway_config
+from http_world import BEIJING_IP, CONFIG_JSON, TOKYO_IP, US_IP, gateway_config
 
 from gateway.config import GeoIPConfig
 from gateway.geo.locator import MaxMindLocator
@@ -78,7 +78,7 @@ class _Server(TestServer):
         self.counted = Counted(fast, fail) if fast is not None else None
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return connection.make_runner(self.app, self.counted, **kwargs)
+        return connection.make_runner(self.app, connection.ConnectionRules(self.counted), **kwargs)
 
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
@@ -467,7 +467,9 @@ async def test_a_mismatched_aiohttp_serves_through_the_plain_path(
     monkeypatch.setattr(connection, "AIOHTTP_MINOR", "3.0")
     with caplog.at_level(logging.WARNING, "gateway.server"):
         gateway = await make_gateway()
-    assert "fast path and JSON parser errors off: aiohttp" in caplog.text
+    assert "fast path, JSON parser errors, connection caps and head/body timeouts off: aiohttp" in (
+        caplog.text
+    )
     assert "the fast path is for 3.0" in caplog.text
     await warm(gateway)
     (answer,) = await exchange(gateway, request(CONFIG_JSON, X_Forwarded_For=BEIJING_IP), 1)

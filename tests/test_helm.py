@@ -169,6 +169,14 @@ def test_a_config_change_rolls_the_pods() -> None:
     assert checksum() != checksum("--set", "config.upstream.url=https://hub.example.org")
 
 
+def test_connection_limits_reach_the_gateway_config() -> None:
+    keys = {"header_timeout_s": 5, "body_timeout_s": 30, "keepalive_timeout_s": 65,
+            "max_connections": 20000, "max_connections_per_ip": 64}  # fmt: skip
+    args = [arg for key, value in keys.items() for arg in ("--set", f"config.server.{key}={value}")]
+    server = gateway_config(render(*args))["server"]
+    assert {key: server[key] for key in keys} == keys
+
+
 def test_drain_window_sets_the_termination_grace_period() -> None:
     manifests = render("--set", "drainSeconds=12", "--set", "gracefulStopSeconds=30")
     pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
@@ -279,6 +287,7 @@ BAD_VALUES = [
     (["--set", "geoip.updater.source=ftp"], "geoip.updater.source"),
     (["--set", "config.redis.url=redis://r"], "config"),
     (["--set", "typo=1"], "typo"),
+    (["--set", "config.server.header_timeout_s=0"], "config.server.header_timeout_s"),
 ]  # fmt: skip
 
 

@@ -29,7 +29,7 @@ from hf_clients import (
     run_client,
     wget_download,
 )
-from hf_nodes import HfMirrorNode
+from hf_nodes import HfMirrorNode, node_entry
 from processes import GatewayProcess, wait_until
 
 TINY = ("model", "acme/tiny-model")
@@ -67,22 +67,6 @@ class World:
     def clear_logs(self) -> None:
         for node in self.nodes.values():
             node.seen.clear()
-
-
-def node_entry(
-    node_id: str, node: HfMirrorNode, lat: float, lon: float, asns: list[int], **extra: Any
-) -> dict[str, Any]:
-    return {
-        "id": node_id,
-        "url": node.url,
-        "country": "CN",
-        "latitude": lat,
-        "longitude": lon,
-        "asns": asns,
-        "serves": {"countries": ["CN"]},
-        "manifest_url": node.manifest_url,
-        **extra,
-    }
 
 
 def gateway_config(

@@ -1,76 +1,39 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from fake_hub import FakeHub
+from http_world import (
+    BAD_PATHS,
+    BEIJING_IP,
+    CONFIG_JSON,
+    DATA_MAIN,
+    HF_ERRORS,
+    HONG_KONG_IP,
+    MAIN,
+    PR_1,
+    TOKYO_IP,
+    US_IP,
+    V1,
+    GatewayTestServer,
+    gateway_config,
+    raw_exchange,
+)
 
-from gateway.config import GatewayConfig, GeoIPConfig, config_from_mapping
+from gateway.config import GeoIPConfig
 from gateway.geo.locator import MaxMindLocator
 from gateway.routing.router import Router
 from gateway.runtime import RUNTIME
 from gateway.web.app import create_app
-from gateway.web.connection import make_runner
-from gateway.web.fastpath import fast_answer_for
 from gateway.web.server import build_runtime, handler_limits
 
-CONFIG_JSON = "/acme/tiny-model/resolve/main/config.json"
-MAIN = "853a9daf2c349f8a4b3e618a2961885a5d4f0429"
-V1 = "b0bb8d53facbcb75661ed8accd838c06854a92f5"
-PR_1 = "3a8caadcefd2fb6ab39bc0fe735009cd20bb33fe"
-DATA_MAIN = "42b145c2c9aaa06ed8fb3e3a6ae44ab45e3b9023"
-BEIJING_IP = "1.2.3.4"
-US_IP = "3.3.3.3"
-TOKYO_IP = "6.6.6.6"
-HONG_KONG_IP = "7.7.7.7"
-
-NODES = [
-    {
-        "id": "bj",
-        "url": "https://bj.mirror.test",
-        "country": "CN",
-        "latitude": 39.9,
-        "longitude": 116.4,
-        "asns": [4134],
-        "serves": {"countries": ["CN"]},
-    },
-    {
-        "id": "tk",
-        "url": "http://tk.mirror.test:8080/base",
-        "country": "JP",
-        "serves": {"countries": ["JP"]},
-        "url_template": "{base}/hf/{repo_type}/{repo}/{revision}/{path}",
-    },
-]
-
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
-
-
-class GatewayTestServer(TestServer):
-    """A test server running the production runner, so parser-level errors behave as served."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return make_runner(self.app, fast_answer_for(self.app[RUNTIME]), **kwargs)
-
-
-def gateway_config(geoip: GeoIPConfig, upstream_url: str, **sections: Any) -> GatewayConfig:
-    # These nodes are not real servers: take them as up rather than probing them.
-    base = config_from_mapping(
-        {
-            "nodes": NODES,
-            "probing": {"enabled": False},
-            "upstream": {"url": upstream_url},
-            **sections,
-        }
-    )
-    return replace(base, geoip=geoip)
 
 
 @pytest.fixture
@@ -112,6 +75,18 @@ async def test_beijing_client_behind_trusted_proxy_goes_to_domestic_node(
     assert headers["Cache-Control"] == "private, no-store"
     assert headers["X-Mirror-Node"] == "bj"
     assert "Vary" not in headers
+
+
+async def test_redirects_count_requests_of_catalogued_files_only(make_client: MakeClient) -> None:
+    client = await make_client()
+    for _ in range(3):
+        status, _, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
+        assert status == 302
+    status, _, _ = await get(client, "/acme/tiny-model/resolve/main/absent.json")
+    assert status == 404
+    requests = client.server.app[RUNTIME].sync.requests
+    assert requests.of("model", "acme/tiny-model", "config.json") == 3
+    assert requests.of("model", "acme/tiny-model", "absent.json") == 0
 
 
 async def test_us_client_goes_upstream(make_client: MakeClient, fake_hub: FakeHub) -> None:
@@ -190,33 +165,6 @@ async def test_query_string_never_reaches_location(make_client: MakeClient) -> N
     assert (
         headers["Location"] == f"https://bj.mirror.test/acme/tiny-model/resolve/{MAIN}/config.json"
     )
-
-
-async def raw_exchange(host: str, port: int, request: bytes) -> tuple[int, bytes, dict[str, str]]:
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(request)
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), timeout=10)
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split()[1]), body, {k.lower(): v for k, v in headers.items()}
-
-
-BAD_PATHS = [
-    ("dotdot", "/a/b/resolve/main/../../etc/passwd", 400, "path_traversal"),
-    ("encoded-dotdot", "/a/b/resolve/main/%2e%2e/%2E%2E/x", 400, "path_traversal"),
-    ("nul", "/a/b/resolve/main/x%00y", 400, "control_character"),
-    ("crlf", "/a/b/resolve/main/x%0d%0aSet-Cookie:%20a=b", 400, "control_character"),
-    ("bad-percent", "/a/b/resolve/main/x%ZZ", 400, "invalid_percent_encoding"),
-    ("bad-utf8", "/a/b/resolve/main/x%C3%28", 400, "invalid_utf8"),
-    ("bad-repo", "/a--b/c/resolve/main/x", 400, "invalid_repo_id"),
-    ("too-long", "/a/b/resolve/main/" + "x" * 5000, 414, "path_too_long"),
-    ("not-resolve", "/a/b/blob/main/x", 404, "not_found"),
-    ("root", "/", 404, "not_found"),
-    ("double-slash-host", "//evil.test/x", 404, "not_found"),
-]
 
 
 @pytest.mark.parametrize(
@@ -336,14 +284,6 @@ async def test_upstream_down_gives_a_retryable_error_until_something_is_cached(
         status, headers, _ = await get(client, CONFIG_JSON, **{"X-Forwarded-For": BEIJING_IP})
         assert status == 302, "served from the catalog while upstream is down"
         assert headers["X-Repo-Commit"] == MAIN
-
-
-HF_ERRORS = [
-    ("repo", "/acme/nope/resolve/main/x", 404, "RepoNotFound", None),
-    ("revision", "/acme/tiny-model/resolve/nope/config.json", 404, "RevisionNotFound", None),
-    ("entry", "/acme/tiny-model/resolve/main/nope.bin", 404, "EntryNotFound", MAIN),
-    ("gated-without-token", "/acme/gated-model/resolve/main/config.json", 401, "GatedRepo", None),
-]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Metalink 4 answers and RFC 6249 links, read the way a client reads them.
 
-The world is tests/test_explain.py's: for a Beijing client ``bj`` and ``sh`` are eligible, and
-every other node is excluded for some reason, so none of them may ever appear as a source.
+The world is tests/explain_world.py's, as in tests/test_explain.py: for a Beijing client ``bj``
+and ``sh`` are eligible, and every other node is excluded for some reason, so none of them may
+ever appear as a source.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 
+import explain_world
 import pytest
-import test_explain
 from aiohttp import ClientResponse
-from fake_hub import VALID_TOKEN, FakeHub, FakeRepo
-from geoworld import ASHBURN_IP
-from hf_nodes import HfMirrorNode
-from test_explain import (
+from explain_world import (
     ADMIN,
     CONFIG_JSON,
     FROM_BEIJING,
@@ -32,7 +30,10 @@ from test_explain import (
     open_world,
     world_nodes,
 )
-from test_http import gateway_config
+from fake_hub import VALID_TOKEN, FakeHub, FakeRepo
+from geoworld import ASHBURN_IP
+from hf_nodes import HfMirrorNode
+from http_world import gateway_config
 
 from gateway.config import GeoIPConfig, ResponsesConfig
 from gateway.state.live import ProbeRecord
@@ -112,9 +113,9 @@ def duplicates(response: ClientResponse) -> list[tuple[str, int, str | None]]:
     ]
 
 
-# tests/test_explain.py's fixtures, for this module's tests too.
-mirrors = test_explain.mirrors
-world = test_explain.world
+# tests/explain_world.py's fixtures, for this module's tests.
+mirrors = explain_world.mirrors
+world = explain_world.world
 
 
 def at(world: World, node: str, commit: str, path: str) -> str:

@@ -106,11 +106,17 @@ def test_sighup_reload_applies_good_config_and_refuses_bad(
             url.startswith((*moved.values(), fake_hub.url)) for url in duplicates
         ), headers["link"]
 
-        # The state store keeps the settings it started with, and a reload says so.
+        # Settings read once at start stay in force until a restart, and a reload says so:
+        # redirects keep naming the upstream the catalog fetches from.
         config["state"] = {"load_deadband": 0.2}
+        config["upstream"] = {"url": "https://hub.example.org"}
+        config["server"] = {"header_timeout_s": 3}
         config_file.write_text(yaml.safe_dump(config))
         gateway.signal(signal.SIGHUP)
-        gateway.wait_for_log("state.* settings changed; they take effect after a restart")
+        for setting in ("state.*", "upstream.*", "server.header_timeout_s"):
+            gateway.wait_for_log(f"{setting} changed; it takes effect after a restart")
+        us = request("GET", CONFIG_JSON, {"X-Forwarded-For": BUNDLED_US_IP})
+        assert http(gateway.port, us)[1]["location"].startswith(fake_hub.url + "/")
     finally:
         assert gateway.stop() == 0
 

@@ -18,8 +18,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
-from redis.typing import EncodableT, FieldT
 from redis_server import RedisServer
+from store_fixtures import (
+    COMMAND_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    PREFIX,
+    STATE,
+    FakeClock,
+    as_hash,
+    eventually,
+    new_store,
+    probe,
+)
 
 from gateway.config import Capacity, NodeConfig, RedisConfig, StateConfig
 from gateway.state.live import AdminRecord, LiveState, LoadRecord, ProbeRecord, RedirectCounter
@@ -34,54 +44,13 @@ from gateway.state.store import (
     encode_record,
 )
 
-PREFIX = "mgtest:"
-CONNECT_TIMEOUT_S = 0.2
-COMMAND_TIMEOUT_S = 0.2
 #: The longest a store call may take against a dead or hung Redis, with scheduling margin.
 CALL_BOUND_S = CONNECT_TIMEOUT_S + 2 * COMMAND_TIMEOUT_S + 0.3
-STATE = StateConfig(resync_s=60.0, redirect_window_s=1.0, estimated_download_s=10.0)
 NODES = (
     NodeConfig(id="a", base_url="https://a.example", capacity=Capacity(connections=100)),
     NodeConfig(id="b", base_url="https://b.example", load_url="https://b.example/load"),
 )
 NODE_C = NodeConfig(id="c", base_url="https://c.example")
-
-
-def probe(
-    node: str = "a", vantage: str = "v1", *, up: bool = True, at: float = 1000.0
-) -> ProbeRecord:
-    return ProbeRecord(
-        node_id=node,
-        vantage=vantage,
-        up=up,
-        reason="" if up else "timeout",
-        latency_ms=12.5 if up else None,
-        checked_at=at,
-        last_ok_at=at if up else None,
-    )
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.02)
-
-
-def as_hash(record: ProbeRecord | LoadRecord | AdminRecord) -> dict[FieldT, EncodableT]:
-    """The record's fields as redis-py wants a mapping typed."""
-    return dict(encode_record(record)[1].items())
-
-
-class FakeClock:
-    """Wall time the test moves by hand, so redirect windows close exactly when it says."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class MakeStore(Protocol):
@@ -93,25 +62,6 @@ class MakeStore(Protocol):
         nodes: Sequence[NodeConfig] = NODES,
         clock: Callable[[], float] = time.time,
     ) -> Awaitable[RedisStore]: ...
-
-
-def new_store(
-    url: str,
-    nodes: Sequence[NodeConfig],
-    name: str,
-    *,
-    clock: Callable[[], float] = time.time,
-    state: StateConfig = STATE,
-) -> RedisStore:
-    """A ``RedisStore`` (instance id ``name``) on the test server's keys, not started."""
-    config = RedisConfig(
-        url=url,
-        key_prefix=PREFIX,
-        connect_timeout_s=CONNECT_TIMEOUT_S,
-        command_timeout_s=COMMAND_TIMEOUT_S,
-    )
-    live = LiveState(nodes, vantage="v1", probing=True)
-    return RedisStore(live, RedirectCounter(), config, state, nodes, instance_id=name, clock=clock)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.typing import EncodableT, KeyT
-from test_store import (
+from store_fixtures import (
     PREFIX,
     STATE,
     FakeClock,

@@ -24,9 +24,6 @@ ClientIPSource = Literal["peer", "x-forwarded-for", "forwarded", "cdn-header"]
 _MAX_TOKEN_CHARS = 64
 #: Right-most forwarding entries examined; a longer all-trusted chain is a loop or an attack.
 _MAX_ENTRIES = 64
-#: Longest header input worth remembering an answer for: real chains are a few addresses, and
-#: a bound keeps a flood of huge headers from holding memory.
-_MEMO_MAX_CHARS = 512
 #: RFC 7239 obfuscated port: "_" followed by these characters.
 _OBFUSCATED_PORT_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
@@ -153,11 +150,6 @@ class ClientAddress:
     source: ClientIPSource
     #: Upper-case ISO 3166-1 alpha-2 code from a trusted CDN header.
     cdn_country: str | None = None
-
-
-def worth_remembering(headers: ForwardingHeaders) -> bool:
-    """Whether an answer for these headers may be remembered (keyed by them and the peer)."""
-    return sum(map(len, headers.forwarded)) + len(headers.cdn_client_ip or "") <= _MEMO_MAX_CHARS
 
 
 class ClientIPResolver:

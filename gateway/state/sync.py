@@ -10,9 +10,10 @@ The manifest's format and its parsing: ``manifest``.
 
 Admission (``sync.admission``): a commit a node newly lists takes no clients until every listed
 file's size has been confirmed by a HEAD at the node (and against upstream's listing), and the
-sha256 of a sample of its files, drawn with weights by size (a broken copy of a large file is
-the likeliest and costliest), matches. Only admitted commits are published in ``holdings``, the
-data routing reads; until then, or when admission fails, the commit's clients go elsewhere.
+sha256 of a sample of its files, drawn with weights by size and by how often clients asked for
+each file (a broken copy of a large or popular file is the costliest), matches. Only admitted
+commits are published in ``holdings``, the data routing reads; until then, or when admission
+fails, the commit's clients go elsewhere.
 Ongoing sampling continues after admission.
 
 Routing rules (``servable_commit``): a node without a manifest is taken to hold everything, and
@@ -56,6 +57,7 @@ from gateway.state.manifest import (
     repo_label,
 )
 from gateway.state.netio import bounded_chunks, describe_error
+from gateway.state.popularity import RequestCounts
 
 USER_AGENT = "mirror-gateway-sync/0.1"
 
@@ -231,13 +233,18 @@ def pick_samples(holdings: NodeHoldings, count: int, rng: random.Random) -> list
 
 
 def weighted_sample(
-    files: Mapping[str, tuple[int, str]], count: int, max_bytes: int, rng: random.Random
+    files: Mapping[str, tuple[int, str]],
+    count: int,
+    max_bytes: int,
+    rng: random.Random,
+    requests: Callable[[str], int] = lambda path: 0,
 ) -> list[str]:
     """Up to ``count`` distinct paths among ``files`` (path -> (size, sha256)) of at most
-    ``max_bytes``, each drawn with a weight of its size (Efraimidis-Spirakis keys), so the
-    largest files are the likeliest picks. Deterministic given ``rng`` and the files' order."""
+    ``max_bytes``, each drawn with a weight of its size times one plus its ``requests``
+    (Efraimidis-Spirakis keys), so the largest and most requested files are the likeliest
+    picks. Deterministic given ``rng`` and the files' order."""
     keyed = [
-        (rng.random() ** (1.0 / (size + 1)), path)
+        (rng.random() ** (1.0 / ((size + 1) * (1 + requests(path)))), path)
         for path, (size, _) in files.items()
         if size <= max_bytes
     ]
@@ -389,15 +396,22 @@ async def admission_failures(
     config: SyncConfig,
     timeout_s: float,
     rng: random.Random,
+    requests: RequestCounts,
 ) -> list[tuple[Sample, str]]:
     """The files of a newly listed commit that fail admission, with why (empty: admitted).
 
     Every listed file is checked against upstream's listing and by a HEAD; the weighted sample
-    is also hashed. Raises _Inconclusive when upstream or the node's transport cannot tell.
+    (by size and by how often clients asked for the file) is also hashed. Raises _Inconclusive
+    when upstream or the node's transport cannot tell.
     """
     repo_type, repo_id, commit = commit_key
     files = holdings.commits[(repo_type, repo_id)][commit].files
-    hashed = set(weighted_sample(files, config.admission_samples, config.admission_max_bytes, rng))
+    hashed = set(
+        weighted_sample(
+            files, config.admission_samples, config.admission_max_bytes, rng,
+            lambda path: requests.of(repo_type, repo_id, path),
+        )
+    )  # fmt: skip
     gate = asyncio.Semaphore(config.admission_concurrency)
 
     async def check(path: str) -> tuple[Sample, str | None]:
@@ -552,6 +566,9 @@ class SyncTracker:
         #: node id -> latest good manifest, its commits that passed admission only: what
         #: routing reads.
         self.holdings: dict[str, NodeHoldings] = {}
+        #: How often clients were routed to each catalogued file: admission hashes the most
+        #: requested files of a new commit first.
+        self.requests = RequestCounts()
         #: node id -> latest good manifest, as read.
         self._manifests: dict[str, NodeHoldings] = {}
         #: node id -> commits that passed admission (and are still listed).
@@ -767,7 +784,7 @@ class SyncTracker:
                     try:
                         failures = await admission_failures(
                             session, node, commit_key, manifest, self._catalog, config,
-                            self._timeout_s, self._rng,
+                            self._timeout_s, self._rng, self.requests,
                         )  # fmt: skip
                     except _Inconclusive as exc:
                         _log.info(

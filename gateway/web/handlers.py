@@ -2,7 +2,7 @@
 
 Every path and method lands on a handler of ours, so every answer is either a redirect or a
 JSON body saying what was wrong; aiohttp's own text error pages are never reached, and
-malformed requests the HTTP parser rejects are rendered as JSON by ``server.py``.
+malformed requests the HTTP parser rejects are rendered as JSON by ``connection``.
 """
 
 from __future__ import annotations
@@ -271,13 +271,30 @@ def route_label(path: str) -> RouteLabel:
     return "resolve"
 
 
+def _not_a_path(request: web.Request) -> web.Response:
+    """The answer to a target the catch-all route misses: one that is not a path (CONNECT's
+    host:port, ``OPTIONS *``). The connection closes: a CONNECT client would tunnel next."""
+    if request.method == "CONNECT":
+        response = json_error(
+            405, "method_not_allowed", "CONNECT: this is not a proxy", {"Allow": "GET, HEAD"}
+        )
+    else:
+        response = json_error(400, "bad_target", "the request target must be a path")
+    response.force_close()
+    return response
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, duration metrics and the access log line, for every request."""
     started = time.perf_counter()
     request[REQUEST_ID] = request_id(request.headers.get("X-Request-ID"))
+    response: web.StreamResponse
     try:
-        response = await handler(request)
+        if request.match_info.http_exception is not None:
+            response = _not_a_path(request)
+        else:
+            response = await handler(request)
     except (ConnectionError, web.HTTPException):
         raise
     except Exception:  # the last line of defence: a bug still answers JSON, never a traceback

@@ -74,7 +74,10 @@ def _routed(
         pinned, placement, live.statuses, store.redirects.current, check,
         version=live.version, explain=explain,
     )  # fmt: skip
-    return route, meta, revisions.other_commits, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if not explain:
+        runtime.sync.requests.count(ref)
+    return route, meta, revisions.other_commits, seconds
 
 
 async def plan_route(

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -23,12 +24,18 @@ from gateway.state.probe import Prober
 from gateway.state.store import InProcessStore, RedisStore, StateStore
 from gateway.state.sync import SyncTracker
 from gateway.web.app import create_app
-from gateway.web.connection import make_runner
+from gateway.web.connection import ClientTimeouts, ConnectionRules, make_runner
+from gateway.web.connection_limits import ConnectionLimits
 from gateway.web.fastpath import fast_answer_for
 from gateway.web.handlers import metrics_endpoint
 from gateway.workers import MULTIPROC_ENV_VAR
 
 log = logging.getLogger("gateway.server")
+
+#: Connections the kernel holds for the worker to accept (capped by net.core.somaxconn).
+#: aiohttp's 128 overflows in a burst of new connections: the kernel then drops their SYNs
+#: and clients wait out a retransmission (1 s, then 3 s, ...) before they are even accepted.
+LISTEN_BACKLOG = 1024
 
 #: How long requests in flight may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 20.0
@@ -41,6 +48,21 @@ def handler_limits(config: GatewayConfig) -> dict[str, int]:
         "max_field_size": server.max_header_bytes,
         "max_line_size": max(server.max_header_bytes, 2 * server.max_path_bytes),
     }
+
+
+def connection_rules(config: GatewayConfig, runtime: Runtime) -> ConnectionRules:
+    """The fast path (when on), the connection caps and the head and body timeouts."""
+    server = config.server
+    metrics = runtime.metrics
+    return ConnectionRules(
+        fast_answer=fast_answer_for(runtime),
+        limits=ConnectionLimits.for_server(
+            server, config.client_ip.trusted_proxies, metrics.connection_refused
+        ),
+        timeouts=ClientTimeouts(
+            server.header_timeout_s, server.body_timeout_s, metrics.connection_timed_out
+        ),
+    )
 
 
 def build_router(config: GatewayConfig) -> tuple[Router, tuple[str, ...]]:
@@ -90,26 +112,51 @@ def build_runtime(router: Router, *, metrics_dir: str | None = None) -> Runtime:
     )
 
 
-#: Settings read once at start; a reload that changes them only warns.
-_RESTART_ONLY = ("server", "redis", "admin", "state")
+#: Sections read once at start. A reload that changes one warns and keeps the running values
+#: in force, so no part of the gateway works from the new values while another keeps the old
+#: (the catalog fetching from one upstream while redirects name another).
+_RESTART_ONLY = ("redis", "admin", "state", "upstream", "catalog", "metrics")
+
+
+#: ``server`` keys the listener reads when it opens; the rest of ``server`` applies at once.
+_LISTENER_KEYS = (
+    "host", "port", "max_header_bytes", "drain_s", "header_timeout_s", "body_timeout_s",
+    "keepalive_timeout_s", "max_connections", "max_connections_per_ip",
+)  # fmt: skip
+
+
+def _restart_only_changes(config: GatewayConfig, running: GatewayConfig) -> list[str]:
+    """The settings ``config`` changes that only a restart applies, by key or section."""
+    changed = [f"{s}.*" for s in _RESTART_ONLY if getattr(config, s) != getattr(running, s)]
+    changed += [
+        f"server.{key}"
+        for key in _LISTENER_KEYS
+        if getattr(config.server, key) != getattr(running.server, key)
+    ]
+    for key, before, after in (
+        ("probing.enabled", running.probing.enabled, config.probing.enabled),
+        ("logging.format", running.logging.format, config.logging.format),
+    ):
+        if before != after:
+            changed.append(key)
+    return changed
 
 
 def _reload(app: web.Application, load: Callable[[], GatewayConfig]) -> None:
     runtime = app[RUNTIME]
+    running = runtime.router.config
     try:
         config = load()
+        restart_only = _restart_only_changes(config, running)
+        config = replace(config, **{s: getattr(running, s) for s in _RESTART_ONLY})
         router, warnings = build_router(config)
     except (ConfigError, GeoDataError) as exc:
         log.error("reload refused, keeping the running config: %s", exc)
         return
+    for setting in restart_only:
+        log.warning("%s changed; it takes effect after a restart", setting)
     for warning in warnings:
         log.warning("%s", warning)
-    running = runtime.router.config
-    for section in _RESTART_ONLY:
-        if getattr(config, section) != getattr(running, section):
-            log.warning("%s.* settings changed; they take effect after a restart", section)
-    if config.probing.enabled != running.probing.enabled:
-        log.warning("probing.enabled changed; it takes effect after a restart")
     old = runtime.router
     runtime.adopt(router)
     old.locator.close()
@@ -164,14 +211,15 @@ async def serve(
     app = create_app(build_runtime(router, metrics_dir=metrics_dir))
     runner = make_runner(
         app,
-        fast_answer_for(app[RUNTIME]),
+        connection_rules(config, app[RUNTIME]),
         access_log=None,
+        keepalive_timeout=config.server.keepalive_timeout_s,
         handler_cancellation=True,
         shutdown_timeout=SHUTDOWN_GRACE_S,
         **handler_limits(config),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=shared_port)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=shared_port)
     try:
         await site.start()
     except OSError as exc:  # taken since the preflight check, or a worker's reused port
