@@ -251,6 +251,26 @@ def test_node_publishing_full_load_is_used_only_as_last_resort(
         assert gateway.stop() == 0
 
 
+def test_redirects_fill_a_node_before_any_load_reading(
+    make_config: MakeConfig, nodes: dict[str, MirrorNode], tmp_path: Path
+) -> None:
+    """A node publishing no load, starting empty (``load_prior: 0``): every redirect counts
+    against its capacity at once, so it takes as many clients as it has slots, then no more."""
+    config = make_config(nodes, routing={"load_prior": 0.0})
+    config["state"]["redirect_window_s"] = 60.0  # no windowed estimate during the test
+    for node in config["nodes"]:
+        node["capacity"] = {"connections": 10 if node["id"] == "bj" else 1000}
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        wait_until(lambda: routed_to(gateway) == "bj", 5, "bj trusted")
+        routed = [routed_to(gateway) for _ in range(15)]
+    finally:
+        assert gateway.stop() == 0
+    # One redirect went to bj while waiting; its 10 slots (less what faded meanwhile) fill up.
+    assert 9 <= routed.count("bj") <= 10, routed
+    assert routed[-4:] == ["sh"] * 4
+
+
 def run_cli(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_GATEWAY_")}
     if token:
