@@ -145,8 +145,12 @@ def test_redirects_count_against_a_node_between_readings() -> None:
     clock = Clock()
     live = expecting(clock)
     live.apply_load(reading(400, clock.now))
+    version = live.version
     for _ in range(100):
         live.count_redirect("n")
+    # Counted, but taken up only by the next fading (each change makes cells score again).
+    assert (live.statuses["n"].load, live.version) == (0.4, version)
+    live.fade_loads()
     assert live.statuses["n"].load == pytest.approx(0.5)
     # A new reading counts those downloads itself.
     live.apply_load(reading(480, clock.now))
@@ -164,14 +168,30 @@ def test_redirects_fade_with_the_download_duration() -> None:
     assert live.statuses["n"].load == pytest.approx(0.3 * math.exp(-1))
 
 
+def test_a_node_turned_full_by_redirects_stays_full_until_its_next_reading() -> None:
+    clock = Clock()
+    live = expecting(clock)
+    live.apply_load(reading(900, clock.now))
+    for _ in range(100):
+        live.count_redirect("n")
+    assert live.statuses["n"].load == pytest.approx(1.0)
+    clock.now += 60.0  # most of those downloads would have ended, if they last the mean
+    live.fade_loads()
+    assert live.statuses["n"].load == pytest.approx(1.0)
+    live.apply_load(reading(700, clock.now))
+    assert live.statuses["n"].load == pytest.approx(0.7)
+
+
 def test_a_node_without_a_reading_starts_from_the_prior() -> None:
     clock = Clock()
     assert expecting(clock).statuses["n"].load == 0.5
     assert expecting(clock, prior=None).statuses["n"].load is None
     live = expecting(clock)
-    for _ in range(500):
+    for count in range(1, 501):
         live.count_redirect("n")
-    assert live.statuses["n"].load == pytest.approx(1.0)  # full: the rule excludes it
+        # Taken up at once when the node turns full (the rule stops sending to it), not
+        # before.
+        assert live.statuses["n"].load == (0.5 if count < 500 else pytest.approx(1.0))
     # No capacity, nothing to expect.
     bare = LiveState([replace(NODE, capacity=Capacity())], vantage="v", probing=False,
                      load_prior=0.5)  # fmt: skip

@@ -49,6 +49,9 @@ NodeStatuses = Mapping[str, NodeStatus]
 NO_LIVE_STATE: NodeStatuses = MappingProxyType({})
 
 NOT_YET_PROBED = "not yet probed"
+#: How often the state stores take up the redirects counted into the expected loads
+#: (``LiveState.fade_loads``): how far behind a near-equal node's share may be.
+FADE_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,21 +296,35 @@ class LiveState:
 
     def count_redirect(self, node_id: str) -> None:
         """Count one redirect to ``node_id`` against its expected load. On the request path:
-        a few arithmetic operations, and a new status only when the load moves past the
-        deadband or the node turns full."""
+        a few arithmetic operations. The status changes at once only when the node turns
+        full (the rule must stop sending to it); smaller moves are taken up by the next
+        ``fade_loads``, because every status change makes the router score its cells again.
+        """
         records = self._records.get(node_id)
         if records is None:
             return
         now = self._clock()
         records.sent = faded(records.sent, now - records.sent_at, self.download_s) + 1.0
         records.sent_at = now
-        self._refresh(node_id)
+        current = self.statuses.get(node_id)
+        if current is None or current.load is None or current.load >= 1.0:
+            return
+        expected = _expected_load(records.node, records.load, records.sent, self.load_prior)
+        if expected is not None and expected >= 1.0:
+            self._refresh(node_id)
 
     def fade_loads(self) -> None:
-        """Take up how the redirects sent have faded from every node's expected load since
-        (run periodically, off the request path)."""
+        """Take up the redirects counted and how they have faded since, for every node (run
+        every ``FADE_INTERVAL_S``, off the request path).
+
+        A full node stays full until its next load record: the fading is a guess from a mean
+        download duration, and downloads longer than that would fill it past capacity.
+        """
+        statuses = self.statuses
         for node_id in self._records:
-            self._refresh(node_id)
+            current = statuses.get(node_id)
+            if current is None or current.load is None or current.load < 1.0:
+                self._refresh(node_id)
 
     def apply_admin(self, record: AdminRecord) -> None:
         records = self._records.get(record.node_id)

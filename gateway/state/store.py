@@ -63,6 +63,7 @@ from gateway.redis_client import open_redis
 from gateway.state.live import (
     AdminMode,
     AdminRecord,
+    FADE_INTERVAL_S,
     LiveState,
     LoadRecord,
     LoadSource,
@@ -82,8 +83,10 @@ RecordKind = Literal["probe", "load", "admin"]
 #: How long shared probe and load records outlive their last write: about three generous probe
 #: or load-poll intervals. Pass ``record_ttl_s`` when intervals are configured longer.
 DEFAULT_RECORD_TTL_S = 300.0
-#: Redirect counts are pushed this often, and Redis is pinged this often when otherwise idle.
-FLUSH_INTERVAL_S = 1.0
+#: Redirect counts are pushed this often, and Redis is pinged this often when otherwise idle;
+#: each push also takes up the expected loads (``LiveState.fade_loads``), as often as the
+#: memory store does that alone.
+FLUSH_INTERVAL_S = FADE_INTERVAL_S
 #: A closed window's shared total is read this long after the window ends: every instance
 #: pushes its counts at its next flush (at most ``FLUSH_INTERVAL_S`` later) plus command time.
 SETTLE_S = 2.0 * FLUSH_INTERVAL_S
@@ -389,6 +392,7 @@ class InProcessStore:
         self._nodes = tuple(nodes)
         self._clock = clock
         self._windows: asyncio.Task[None] | None = None
+        self._fading: asyncio.Task[None] | None = None
 
     @property
     def degraded_reason(self) -> str | None:
@@ -399,10 +403,17 @@ class InProcessStore:
             _every(self._state.redirect_window_s, self._close_window, "redirect window"),
             name="state-store-redirect-windows",
         )
+        self._fading = asyncio.create_task(
+            _every(FADE_INTERVAL_S, self._fade, "load fading"), name="state-store-fading"
+        )
 
     async def close(self) -> None:
         await _cancel(self._windows)
-        self._windows = None
+        await _cancel(self._fading)
+        self._windows = self._fading = None
+
+    async def _fade(self) -> None:
+        self.live.fade_loads()
 
     async def publish_probe(self, record: ProbeRecord) -> None:
         self.live.apply_probe(record)

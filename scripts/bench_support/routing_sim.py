@@ -49,7 +49,13 @@ from gateway.geo.locator import IPAddress, Location, MaxMindLocator
 from gateway.hf.paths import FileRef
 from gateway.routing.router import Router
 from gateway.routing.rule import Exclusion, configured_exclusion, distance_to, near_equal_bound
-from gateway.state.live import LiveState, LoadRecord, RedirectCounter, SmoothedRedirects
+from gateway.state.live import (
+    FADE_INTERVAL_S,
+    LiveState,
+    LoadRecord,
+    RedirectCounter,
+    SmoothedRedirects,
+)
 from gateway.state.store import redirect_load
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -300,7 +306,9 @@ class _Simulation:
         self.order = len(clients)
         end = options.arrival_s + options.hold_s
         ticks = int(end / options.reading_s) + 1
-        self.events += [(i * options.reading_s, -2, "read", None) for i in range(ticks)]
+        self.events += [(i * options.reading_s, -3, "read", None) for i in range(ticks)]
+        fades = int(end / FADE_INTERVAL_S) + 1
+        self.events += [(i * FADE_INTERVAL_S, -2, "fade", None) for i in range(fades)]
         window_s = config.state.redirect_window_s
         self.events += [(i * window_s, -1, "window", None) for i in range(1, int(end / window_s))]
         heapq.heapify(self.events)
@@ -309,8 +317,9 @@ class _Simulation:
         while self.events:
             self.now, _, kind, payload = heapq.heappop(self.events)
             if kind == "read":
-                self.live.fade_loads()
                 self.read_loads()
+            elif kind == "fade":
+                self.live.fade_loads()
             elif kind == "window":
                 self.close_window()
             elif kind == "leave":

@@ -259,6 +259,10 @@ def gateway_config(
         "redis": {"url": redis_url},
         # The nodes are not servers: their state comes from the records seeded in Redis.
         "probing": {"enabled": False},
+        # wrk sends thousands of redirects a second, each no download at all: counted as
+        # downloads of the default minute, they would fill every node within a second and
+        # only the overload path (every node full, last resort) would be measured.
+        "state": {"estimated_download_s": 0.1},
         "logging": {"format": "json", "access": access_log},
         "metrics": {"enabled": True},
         "nodes": nodes,
