@@ -61,9 +61,9 @@ from redis.exceptions import RedisError, ResponseError
 from gateway.config import NodeConfig, RedisConfig, StateConfig
 from gateway.redis_client import open_redis
 from gateway.state.live import (
+    FADE_INTERVAL_S,
     AdminMode,
     AdminRecord,
-    FADE_INTERVAL_S,
     LiveState,
     LoadRecord,
     LoadSource,
