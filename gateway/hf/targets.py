@@ -16,9 +16,11 @@ def default_path(ref: FileRef) -> str:
     return resolve_path_for(ref)
 
 
-def fill_template(template: str, base: str, ref: FileRef) -> str:
+def fill_template(template: str, base: str, ref: FileRef, path: str | None = None) -> str:
+    """``template`` filled for ``ref``; ``path``: ``default_path(ref)``, when the caller has it
+    (a redirect names one file on several nodes)."""
     if template == DEFAULT_URL_TEMPLATE:
-        return f"{base}{default_path(ref)}"
+        return base + (default_path(ref) if path is None else path)
     return template.format(
         base=base,
         type_prefix=ref.type_prefix,
@@ -29,8 +31,8 @@ def fill_template(template: str, base: str, ref: FileRef) -> str:
     )
 
 
-def node_url(node: NodeConfig, ref: FileRef) -> str:
-    return fill_template(node.url_template, node.base_url, ref)
+def node_url(node: NodeConfig, ref: FileRef, path: str | None = None) -> str:
+    return fill_template(node.url_template, node.base_url, ref, path)
 
 
 def upstream_url(upstream_base: str, ref: FileRef) -> str:

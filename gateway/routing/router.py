@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from typing import NamedTuple, Protocol
 
 from gateway.config import GatewayConfig, NodeConfig
@@ -25,7 +26,7 @@ from gateway.hf.paths import FileRef
 from gateway.hf.targets import node_url, upstream_url
 from gateway.lru import LRUCache
 from gateway.routing.ranking import Cell, NodeIndex, Ranking
-from gateway.routing.rule import LEVELS, Decision, Exclusion, Scored, decide, score_level
+from gateway.routing.rule import LEVELS, Decision, Scored, decide, score_level
 from gateway.state.live import NO_LIVE_STATE, NodeStatuses
 
 PRIVATE_CACHE_CONTROL = "private, no-store"
@@ -210,31 +211,27 @@ class Router:
         hold it. ``explain`` scores every node and lists every exclusion, as explain shows.
         """
         routing = self.config.routing
-        key = route_key(ref)
-
-        def choose_in(scored: Scored, excluded: list[Exclusion] | None = None) -> Decision | None:
-            return decide(
-                scored, routing, self._rng, unavailable=revisions.reason, key=key,
-                recent=recent, warm_caches=revisions, keep=self._sources_named,
-                excluded=excluded,
-            )  # fmt: skip
-
+        choice = partial(
+            decide, policy=routing, rng=self._rng, unavailable=revisions.reason,
+            key=route_key(ref), recent=recent, warm_caches=revisions, keep=self._sources_named,
+        )  # fmt: skip
+        decision: Decision | None
         if explain:
             levels, configured = self._index.explained(placement.location, routing)
             excluded = [*configured]
-            decision = choose_in(
+            decision = choice(
                 [
                     score_level(level, nodes, placement.location, statuses, routing,
                                 excluded=excluded)
                     for level, nodes in zip(LEVELS, levels, strict=True)
                 ],
-                excluded,
+                excluded=excluded,
             )  # fmt: skip
             assert decision is not None  # levels listed whole always tell
         else:
-            decision = choose_in(self.scored(placement.cell, statuses, version))
+            decision = choice(self.scored(placement.cell, statuses, version))
             while decision is None:
-                decision = choose_in(self._widen(placement.cell, statuses, version))
+                decision = choice(self._widen(placement.cell, statuses, version))
         client, location = placement.client, placement.location
         if decision.node is None:
             url = upstream_url(self.config.upstream.url, ref)

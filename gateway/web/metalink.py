@@ -163,23 +163,28 @@ def _same_file(runtime: Runtime, plan: Plan, commit: str) -> bool:
 UPSTREAM_PRIORITY = 999999
 
 
-def _node_sources(runtime: Runtime, plan: Plan) -> Iterator[Source]:
-    """The nodes the policy accepted, best first, each at the commit it serves; lazily, so a
-    redirect naming a few of them builds only those."""
+def _node_sources(runtime: Runtime, plan: Plan, skip: str | None = None) -> Iterator[Source]:
+    """The nodes the policy accepted, best first, each at the commit it serves, but the node
+    ``skip`` (which keeps its priority); lazily, so a redirect naming a few builds only those."""
     ref = plan.ref
-    at_commit: dict[str, FileRef] = {}
+    # Per commit, the file there and its resolve path, which every node's URL extends.
+    at_commit: dict[str, tuple[FileRef, str]] = {}
     priority = 0
     decision = plan.route.decision
     # A node taken as the last resort (every node at capacity) is the decision's only one.
     nodes = [c.node for c in decision.candidates] or [n for n in (decision.node,) if n]
     for node in nodes:
         commit = plan.node_revisions.get(node.id, plan.revision.commit)
-        if _same_file(runtime, plan, commit):
-            priority += 1
-            pinned = at_commit.get(commit)
-            if pinned is None:
-                pinned = at_commit[commit] = ref.with_revision(commit)
-            yield Source(node_url(node, pinned), priority, _location(node), node.id)
+        if not _same_file(runtime, plan, commit):
+            continue
+        priority += 1
+        if node.id == skip:
+            continue
+        target = at_commit.get(commit)
+        if target is None:
+            pinned = ref.with_revision(commit)
+            target = at_commit[commit] = (pinned, resolve_path_for(pinned))
+        yield Source(node_url(node, *target), priority, _location(node), node.id)
 
 
 def _location(node: NodeConfig) -> str | None:
@@ -300,8 +305,7 @@ def link_header(runtime: Runtime, plan: Plan, limit: int) -> str | None:
     links = []
     chosen = route.decision.node
     if chosen is not None and limit > 0:
-        others = (s for s in _node_sources(runtime, plan) if s.node_id != chosen.id)
-        for source in islice(others, limit):
+        for source in islice(_node_sources(runtime, plan, skip=chosen.id), limit):
             links.append(_duplicate(source.url, source.priority, source.location))
     if links_metalink(_listing(runtime, plan, route.revision), ref.filename):
         links.append(_describedby_link(ref.with_revision(route.revision)))
