@@ -28,7 +28,7 @@ import random
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -270,9 +270,21 @@ def allowed(node: NodeConfig, location: Location, config: GatewayConfig) -> bool
     return not isinstance(configured_exclusion(node, location, config.routing), Exclusion)
 
 
-def _km(node: NodeConfig, location: Location) -> float:
+def node_km(node: NodeConfig, location: Location) -> float:
     distance = distance_to(node, location)
     return 0.0 if distance is None else distance
+
+
+def nearest_eligible(
+    world: World, location: Location, is_free: Callable[[SimNode], bool]
+) -> tuple[SimNode | None, bool]:
+    """The nearest node allowed for ``location`` and free (in its country when domestic-first
+    holds there and one such is free), and whether one there was."""
+    eligible = [n for n in world.nodes if allowed(n.config, location, world.config) and is_free(n)]
+    home = [n for n in eligible if n.config.country == location.country]
+    domestic_free = location.country in world.config.routing.domestic_first and bool(home)
+    nearby = home if domestic_free else eligible
+    return min(nearby, key=lambda n: node_km(n.config, location), default=None), domestic_free
 
 
 class _Simulation:
@@ -357,15 +369,7 @@ class _Simulation:
             REF, placement, self.live.statuses, self.counter.current, version=self.live.version
         )
         node = route.decision.node
-        eligible = [
-            n
-            for n in self.world.nodes
-            if allowed(n.config, location, self.config) and self.is_free(n)
-        ]
-        home = [n for n in eligible if n.config.country == location.country]
-        domestic_free = location.country in self.result.domestic and bool(home)
-        nearby = home if domestic_free else eligible
-        nearest = min(nearby, key=lambda n: _km(n.config, location), default=None)
+        nearest, domestic_free = nearest_eligible(self.world, location, self.is_free)
         if node is not None:
             # What the gateway does with a redirect (web.redirect.record_redirect).
             self.counter.count(node.id)
@@ -379,9 +383,9 @@ class _Simulation:
             Outcome(
                 client,
                 node,
-                _km(node, location) if node else math.nan,
+                node_km(node, location) if node else math.nan,
                 nearest.config if nearest else None,
-                _km(nearest.config, location) if nearest else math.nan,
+                node_km(nearest.config, location) if nearest else math.nan,
                 domestic_free,
             )
         )
@@ -411,7 +415,7 @@ def optimum_mean_km(world: World, clients: Sequence[SimClient]) -> float:
         if location.country in domestic:
             home = [i for i in allowed_nodes if world.nodes[i].config.country == location.country]
             allowed_nodes = home or allowed_nodes
-        columns += [(g, i, _km(world.nodes[i].config, location)) for i in allowed_nodes]
+        columns += [(g, i, node_km(world.nodes[i].config, location)) for i in allowed_nodes]
     counts = list(groups.values())
     cost = [km for _, _, km in columns]
     variables = range(len(columns))
@@ -555,6 +559,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hold-s", type=float, default=defaults.hold_s)
     parser.add_argument("--reading-s", type=float, default=defaults.reading_s)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="also run the world for real (local node servers, a gateway with --workers, "
+        "Redis) with the same clients at the same times, and compare",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="gateway workers of --live")
     args = parser.parse_args(argv)
     options = Options(args.arrival_s, args.hold_s, args.reading_s, args.seed, args.asn)
     try:
@@ -568,8 +579,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = f"{len(clients)} clients, {len(world.nodes)} nodes, " + (
         "with ASNs" if options.asn else "no ASN database"
     )
-    print(render(summarize(result, world.config.routing), label))
-    return 0
+    simulated = summarize(result, world.config.routing)
+    print(render(simulated, f"simulated: {label}"))
+    if not args.live:
+        return 0
+    from bench_support.routing_live import run_live
+
+    live_result, failures = run_live(
+        world, args.world, args.config, clients, options,
+        workers=args.workers, city_db=args.city_db,
+    )  # fmt: skip
+    live = summarize(live_result, world.config.routing)
+    print(render(live, f"live, {args.workers} gateway workers: {label}"))
+    print(agreement(simulated, live, len(clients) - len(live_result.outcomes), failures))
+    return 0 if not failures else 1
+
+
+def agreement(
+    simulated: Summary, live: Summary, unanswered: int, failures: Mapping[str, int]
+) -> str:
+    """The simulated and the live run side by side, on the figures issue bounds hold."""
+    rows = [
+        ("gateway / optimum", f"{simulated.ratio:.3f}", f"{live.ratio:.3f}"),
+        ("mean km", f"{simulated.mean_km:.0f}", f"{live.mean_km:.0f}"),
+        ("worst over-share", f"{simulated.worst_over_share:.2f}", f"{live.worst_over_share:.2f}"),
+        ("domestic-first violations", str(simulated.domestic_violations),
+         str(live.domestic_violations)),
+        ("same-ASN beyond bound", str(simulated.same_asn_beyond_bound),
+         str(live.same_asn_beyond_bound)),
+        ("upstream", str(simulated.upstream), str(live.upstream)),
+    ]  # fmt: skip
+    lines = ["== simulated vs live", f"{'':28}{'simulated':>12}{'live':>12}"]
+    lines += [f"{name:28}{sim:>12}{real:>12}" for name, sim, real in rows]
+    problems = ", ".join(f"{count} {what}" for what, count in failures.items())
+    lines.append(
+        f"clients without an answer: {unanswered}" + (f" ({problems})" if problems else "")
+    )
+    return "\n".join(lines)
 
 
 def draw_clients(
