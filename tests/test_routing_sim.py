@@ -140,3 +140,33 @@ def test_a_bad_sample_is_refused_by_line(inputs: tuple[Path, Path], geo_dbs: Geo
     )  # fmt: skip
     assert done.returncode == 2
     assert "line 2" in done.stderr and "not-an-address" in done.stderr
+
+
+def test_a_live_run_agrees_with_the_simulation(
+    sim: ModuleType, inputs: tuple[Path, Path], geo_dbs: GeoDBs
+) -> None:
+    """The world for real: node servers on loopback that hold each download, a gateway of two
+    workers sharing Redis and probing the nodes, the same clients at the same times. Bounded:
+    400 clients over 6 s, each download held 8 s."""
+    from bench_support.routing_live import run_live
+
+    world_path, sample = inputs
+    config = REPO / "config" / "gateway.yaml"
+    world = sim.load_world(world_path, config)
+    options = sim.Options(arrival_s=6.0, hold_s=8.0, reading_s=1.0, seed=3)
+    clients = sim.draw_clients(world, 400, options, sample, geo_dbs.city, None, 0.0)
+    simulated = sim.summarize(sim.simulate(world, clients, options), world.config.routing)
+    result, failures = run_live(
+        world, world_path, config, clients, options, workers=2, city_db=geo_dbs.city
+    )
+    live = sim.summarize(result, world.config.routing)
+    assert not failures
+    assert len(result.outcomes) == len(clients)
+    assert live.upstream == 0
+    assert live.domestic_violations == 0
+    assert live.worst_over_share <= 1.05, live.over_share
+    assert live.ratio <= 1.10, live
+    assert abs(live.ratio - simulated.ratio) <= 0.05, (simulated.ratio, live.ratio)
+    # Capacity binds: Beijing's clients fill the nodes near them, in both runs.
+    assert simulated.worst_over_share > 0.9
+    assert live.worst_over_share > 0.9
