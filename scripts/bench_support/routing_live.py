@@ -26,6 +26,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -63,6 +64,9 @@ START_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 #: Probe rounds after start-up before clients arrive: every node must be seen up (``rise``).
 WARM_ROUNDS = 3
+#: Requests that warm the workers' catalogs (``_warm_catalogs``): each misses a given one of two
+#: workers with probability 1/2, so all 32 miss it about once in 4 billion runs.
+WARM_REQUESTS = 32
 
 
 # --------------------------------------------------------------------------- the nodes
@@ -71,7 +75,6 @@ WARM_ROUNDS = 3
 @dataclass(frozen=True, slots=True)
 class LiveNode:
     node_id: str
-    port: int
     capacity: int
     background: float
     publishes_load: bool
@@ -109,16 +112,27 @@ def _node_app(
     return app
 
 
-async def serve_nodes(nodes: Sequence[LiveNode], hold_s: float) -> None:
-    """Every node's listener, until SIGTERM."""
+async def serve_nodes(nodes: Sequence[LiveNode], hold_s: float, ports_file: Path) -> None:
+    """Every node's listener, until SIGTERM; their ports go to ``ports_file`` once all listen.
+
+    Each listener takes a port the kernel picks as it binds: ports picked beforehand and bound
+    later can be taken meanwhile as the source port of some other connection.
+    """
     active: Counter[str] = Counter()
     peak: Counter[str] = Counter()
     runners = []
+    ports = {}
     for node in nodes:
         runner = web.AppRunner(_node_app(node, active, peak, hold_s), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", node.port, backlog=4096).start()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        ports[node.node_id] = sock.getsockname()[1]
+        await web.SockSite(runner, sock, backlog=4096).start()
         runners.append(runner)
+    written = ports_file.with_suffix(".tmp")
+    written.write_text(json.dumps(ports))
+    written.rename(ports_file)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
@@ -282,6 +296,29 @@ class _Run:
             await asyncio.gather(*tasks)
 
 
+def _warm_catalogs(port: int, path: str) -> None:
+    """Every worker's catalog holds the file before clients arrive, as a running gateway's
+    does: otherwise each worker's first requests wait for its upstream lookup together and
+    are all answered in one burst, from one state. ``/explain`` reads the catalog as a
+    redirect does but counts nothing; each request on a new connection reaches a worker the
+    kernel picks, so a few dozen reach every worker."""
+    for _ in range(WARM_REQUESTS):
+        status, _body = procs.http_get(port, f"/explain{path}")
+        if status != 200:
+            raise procs.BenchError(f"explain answered {status} while warming the catalogs")
+
+
+def _wait_for_ports(server: procs.Server, ports_file: Path) -> dict[str, int]:
+    """The nodes' ports, once every node listens."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ports_file.exists():
+        server.check_alive()
+        if time.monotonic() > deadline:
+            raise procs.BenchError(f"the nodes did not listen within {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+    return {str(k): int(v) for k, v in json.loads(ports_file.read_text()).items()}
+
+
 def arrival_times(count: int, options: Options) -> list[float]:
     """Each client's arrival, as the simulator draws it (``routing_sim._Simulation``)."""
     rng = random.Random(options.seed)
@@ -314,21 +351,20 @@ def run_live(
                  "--repos", "1", "--files", "2"],
                 port=upstream_port, env=env,
             )  # fmt: skip
-            ports = {node.config.id: procs.free_port() for node in world.nodes}
             live_nodes = [
-                LiveNode(
-                    n.config.id, ports[n.config.id], int(n.capacity), n.background, n.publishes_load
-                )
+                LiveNode(n.config.id, int(n.capacity), n.background, n.publishes_load)
                 for n in world.nodes
             ]
-            spec = workdir / "nodes.json"
+            spec, ports_file = workdir / "nodes.json", workdir / "ports.json"
             spec.write_text(json.dumps([dataclasses.asdict(node) for node in live_nodes]))
             nodes_server = processes.start(
                 "nodes",
                 [sys.executable, "-m", "bench_support.routing_live", "--serve-nodes", str(spec),
-                 "--hold-s", str(options.hold_s)],
-                port=live_nodes[0].port, env=env,
+                 "--ports-file", str(ports_file), "--hold-s", str(options.hold_s)],
+                port=0, env=env,
             )  # fmt: skip
+            ports = _wait_for_ports(nodes_server, ports_file)
+            first_port = ports[live_nodes[0].node_id]
             asn_db = None
             if options.asn:
                 asn_db = workdir / "clients-ASN.mmdb"
@@ -346,20 +382,17 @@ def run_live(
                  "--port", str(gateway_port), "--workers", str(workers), "--log-level", "WARNING"],
                 port=gateway_port, env=env,
             )  # fmt: skip
-            for server, path in (
-                (upstream, "/healthz"),
-                (nodes_server, "/"),
-                (gateway, "/healthz"),
-            ):
-                procs.wait_http(server, path, START_TIMEOUT_S)
-            rise = int(config["probing"].get("rise", 2))
-            time.sleep((rise + WARM_ROUNDS) * options.reading_s)
+            for server in (upstream, gateway):
+                procs.wait_http(server, "/healthz", START_TIMEOUT_S)
             repo = hub.repo_id(0)
             path = hub.resolve_path(repo, hub.commit_of(repo), 1)
+            _warm_catalogs(gateway.port, path)
+            rise = int(config["probing"].get("rise", 2))
+            time.sleep((rise + WARM_ROUNDS) * options.reading_s)
             by_port = {ports[n.config.id]: n for n in world.nodes}
             run = _Run(world, clients, options, by_port)
             asyncio.run(run.run(gateway_port, path))
-            _, body = procs.http_get(live_nodes[0].port, "/_peaks")
+            _, body = procs.http_get(first_port, "/_peaks")
             peak = Counter({str(k): int(v) for k, v in json.loads(body).items()})
             for server in (gateway, nodes_server):
                 server.check_alive()
@@ -375,12 +408,13 @@ def run_live(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="node servers of a live routing run")
     parser.add_argument("--serve-nodes", type=Path, required=True)
+    parser.add_argument("--ports-file", type=Path, required=True)
     parser.add_argument("--hold-s", type=float, required=True)
     args = parser.parse_args(argv)
     nodes = [LiveNode(**entry) for entry in json.loads(args.serve_nodes.read_text())]
     _raise_fd_limit()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_nodes(nodes, args.hold_s))
+        asyncio.run(serve_nodes(nodes, args.hold_s, args.ports_file))
     return 0
 
 
