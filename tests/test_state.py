@@ -12,13 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import Capacity, NodeConfig
-from gateway.state.live import (
-    LiveState,
-    LoadRecord,
-    LoadSource,
-    SmoothedRedirects,
-    within_deadband,
-)
+from gateway.state.live import LiveState, LoadRecord, SmoothedRedirects, within_deadband
 
 NODE = NodeConfig(id="n", base_url="https://n.example", capacity=Capacity(connections=1000))
 
@@ -161,39 +155,6 @@ def test_redirects_count_against_a_node_between_readings() -> None:
     # A new reading counts those downloads itself.
     live.apply_load(reading(480, clock.now))
     assert live.statuses["n"].load == pytest.approx(0.48)
-
-
-@pytest.mark.parametrize(
-    ("read_ago_s", "source", "counted"),
-    [
-        (5.0, "status-json", 100),  # the reading predates them all
-        (0.5, "status-json", 50),  # half of the second they were sent over is after it
-        (0.0, "status-json", 0),  # read just now: it holds them all
-        (0.0, "redirects", 100),  # an estimate from redirect windows is a floor, not a reading
-    ],
-)
-def test_other_instances_redirects_count_with_a_forecast_of_the_next_second(
-    read_ago_s: float, source: LoadSource, counted: int
-) -> None:
-    clock = Clock()
-    live = expecting(clock)
-    read_at = clock.now - read_ago_s
-    live.apply_load(LoadRecord("n", source, active_connections=0, measured_at=read_at))
-    live.count_shared("n", 100, over_s=1.0)
-    # Those that count, and as many again expected before their next count.
-    assert live.statuses["n"].load == pytest.approx((counted + 100) / 1000)
-    clock.now += 1.0
-    live.count_shared("n", 0, over_s=1.0)  # none since: the forecast goes
-    assert live.statuses["n"].load == pytest.approx(counted / 1000, abs=0.002)
-
-
-def test_a_reading_keeps_the_forecast_of_other_instances_redirects() -> None:
-    clock = Clock()
-    live = expecting(clock)
-    live.apply_load(reading(0, clock.now - 5.0))
-    live.count_shared("n", 40, over_s=2.0)  # 20 a second: 20 expected in the next one
-    live.apply_load(reading(200, clock.now))
-    assert live.statuses["n"].load == pytest.approx(0.22)
 
 
 def test_redirects_fade_with_the_download_duration() -> None:

@@ -388,31 +388,6 @@ async def test_redirects_of_all_instances_make_one_load_estimate(
     await eventually(lambda: b.live.load_record("a") == smoothed, "smoothed estimate on b")
 
 
-async def test_each_instance_counts_the_redirects_the_others_send(
-    make_store: MakeStore, redis_url: str
-) -> None:
-    """Between load readings, what one instance sends a node counts against its expected load
-    on the others within a push or two, and no instance counts its own redirects twice."""
-    clock = FakeClock(2000.2)  # one redirect window throughout
-    a = await make_store(redis_url, "a", clock=clock)
-    b = await make_store(redis_url, "b", clock=clock)
-    reading = LoadRecord("a", "status-json", active_connections=10, measured_at=2000.0)
-    for store, sent in ((a, 30), (b, 20)):
-        store.live.apply_load(reading)
-        for _ in range(sent):  # as a redirect counts it
-            store.redirects.count("a")
-            store.live.count_redirect("a")
-
-    def load(store: RedisStore) -> float:
-        return store.live.statuses["a"].load or 0.0
-
-    # 10 read + 50 sent of 100, a little less as the sent downloads fade (60 s mean), once the
-    # forecast of the others' next second is gone (they sent no more): alone, a would stand at
-    # 0.40 and b at 0.30; counting its own twice, a would pass 0.85.
-    for store in (a, b):
-        await eventually(lambda s=store: 0.55 < load(s) < 0.61, f"{store.instance_id} sees 50")
-
-
 async def test_close_pushes_the_last_counts(
     make_store: MakeStore, redis_url: str, direct: Redis
 ) -> None:

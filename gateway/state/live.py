@@ -194,11 +194,6 @@ class _NodeRecords:
     #: Redirects sent since the load record, faded as of ``sent_at`` (``faded``).
     sent: float = 0.0
     sent_at: float = 0.0
-    #: Of ``sent``: the redirects other instances are expected to send until their counts
-    #: are read again (``count_shared``), which then take the place of this forecast; and
-    #: when it was made.
-    expected_shared: float = 0.0
-    expected_shared_at: float = 0.0
 
 
 class LiveState:
@@ -245,7 +240,11 @@ class LiveState:
         self._records = {}
         for node in nodes:
             kept = old.get(node.id)
-            self._records[node.id] = replace(kept, node=node) if kept else _NodeRecords(node)
+            self._records[node.id] = (
+                _NodeRecords(node, kept.probes, kept.load, kept.admin, kept.sent, kept.sent_at)
+                if kept
+                else _NodeRecords(node)
+            )
         self.statuses = {node_id: self._status(r) for node_id, r in self._records.items()}
         self.version += 1
         self.changed.set()
@@ -291,13 +290,8 @@ class LiveState:
             return
         records.load = record
         if record.source != "redirects":
-            # A reading counts the downloads of the redirects sent before it, not those other
-            # instances are expected to send.
-            now = self._clock()
-            records.sent = faded(
-                records.expected_shared, now - records.expected_shared_at, self.download_s
-            )
-            records.sent_at = now
+            # A reading counts the downloads of the redirects sent before it.
+            records.sent = 0.0
         self._refresh(record.node_id)
 
     def count_redirect(self, node_id: str) -> None:
@@ -318,35 +312,6 @@ class LiveState:
         expected = _expected_load(records.node, records.load, records.sent, self.load_prior)
         if expected is not None and expected >= 1.0:
             self._refresh(node_id)
-
-    def count_shared(self, node_id: str, redirects: int, over_s: float) -> None:
-        """Count the ``redirects`` other instances sent ``node_id`` over the last ``over_s``
-        seconds in place of what they were expected to send, and expect them to go on at
-        that rate until their counts are read again (every ``FADE_INTERVAL_S``).
-
-        A load reading taken meanwhile already holds the downloads of those sent before it:
-        taking them as spread evenly over the span, only the share sent after it counts.
-        """
-        records = self._records.get(node_id)
-        if records is None:
-            return
-        now = self._clock()
-        since = now - over_s
-        reading = records.load
-        counted = float(redirects)
-        if reading is not None and reading.source != "redirects" and reading.measured_at > since:
-            counted *= max(0.0, 1.0 - (reading.measured_at - since) / over_s)
-        # As many again are expected before their next count: counted now rather than after,
-        # so that two instances do not both fill a node's last free slots in that second.
-        forecast = redirects * FADE_INTERVAL_S / over_s
-        sent = faded(records.sent, now - records.sent_at, self.download_s)
-        expected = faded(records.expected_shared, now - records.expected_shared_at, self.download_s)
-        records.sent = max(0.0, sent - expected + counted + forecast)
-        records.sent_at = records.expected_shared_at = now
-        records.expected_shared = forecast
-        # Counts rather than a guess from a mean duration: a node they show full, or no longer
-        # full, is so at once.
-        self._refresh(node_id)
 
     def fade_loads(self) -> None:
         """Take up the redirects counted and how they have faded since, for every node (run

@@ -21,10 +21,7 @@ Redis layout (``{p}`` is ``redis.key_prefix``, default ``mg:``; node ids and van
     hash, an ``AdminRecord``; never expires (an operator's decision stands until changed).
 ``{p}redirects:{window}:{node}``
     integer, redirects all instances sent to the node in window
-    ``floor(unix_time / state.redirect_window_s)``; expires after three windows. Each instance
-    adds its counts every second and reads back the totals of the nodes it sends to, counting
-    the others' part against their expected load; a closed window's total becomes the load
-    estimate of nodes that publish none.
+    ``floor(unix_time / state.redirect_window_s)``; expires after three windows.
 ``{p}lock:prober:{vantage}``
     string, the instance id of the one instance probing for that vantage (``SET NX PX``);
     renewed and released only by its owner (Lua scripts compare the value).
@@ -134,36 +131,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# KEYS: redirect count keys of one window; ARGV[1] their ttl in ms, ARGV[2] how many of KEYS
-# (the first ones) get counts added, ARGV[i + 2] what to add to KEYS[i]. Returns every key's
-# total after the adds (-1 for a value that is not a count), so the adds and the reads of what
-# other instances sent see one state. Atomic, like the MULTI it replaces; as a pipeline of INCRBY
-# and PEXPIRE, redis-py's packing of each command cost a worker routing to 10,000 nodes about 2%
-# of its time.
-_ADD_COUNTS = """
-local added = tonumber(ARGV[2])
-local totals = {}
-for i, key in ipairs(KEYS) do
-    if i <= added then
-        totals[i] = redis.call('INCRBY', key, ARGV[i + 2])
-        redis.call('PEXPIRE', key, ARGV[1])
-    else
-        local value = redis.pcall('GET', key)
-        if value == false then
-            totals[i] = 0
-        elseif type(value) == 'string' then
-            totals[i] = tonumber(value) or -1
-        else
-            totals[i] = -1
-        end
-    end
-end
-return totals
-"""
-
 # KEYS: the hashes to read. One reply per key, its HGETALL array; a key of another type gets
 # its error reply in its slot (redis.pcall returns it where redis.call would abort the script),
 # which redis-py hands over as a ResponseError, so one bad key does not cost the whole batch.
+# KEYS: redirect count keys; ARGV[1] their ttl in ms, ARGV[i + 1] what to add to KEYS[i]. Atomic,
+# like the MULTI it replaces; as a pipeline of INCRBY and PEXPIRE, redis-py's packing of each
+# command cost a worker routing to 10,000 nodes about 2% of its time.
+_ADD_COUNTS = """
+for i, key in ipairs(KEYS) do
+    redis.call('INCRBY', key, ARGV[i + 1])
+    redis.call('PEXPIRE', key, ARGV[1])
+end
+return #KEYS
+"""
+
 _READ_HASHES = """
 local replies = {}
 for i, key in ipairs(KEYS) do
@@ -577,12 +558,6 @@ class RedisStore:
         self._resynced_writes: bytes | str | None = None
         self._window = self._window_index(clock())
         self._closed_windows: list[int] = []
-        #: Per node, in the current window: this instance's counts pushed into the shared
-        #: totals, and the redirects of other instances ``live`` has counted.
-        self._window_pushed: dict[str, int] = {}
-        self._window_others: dict[str, int] = {}
-        #: When shared totals were last read (``time.monotonic``).
-        self._totals_read_at: float | None = None
         #: Per Redis key, the hash a resync last decoded there and the record it made of it. A
         #: resync skips a key whose hash is unchanged while ``live`` still holds that record:
         #: applying it again would change nothing. Comparing with ``live`` rather than trusting
@@ -925,21 +900,15 @@ class RedisStore:
         current = self._window_index(now)
         counting = self._window
         counts = self.redirects.take_unflushed()
-        # The nodes this instance sends to in this window: what the others sent them counts
-        # against their expected load now, not only once the window's estimate or the next
-        # reading arrives, so that instances do not each fill the same free slots.
-        shared = [node_id for node_id in self.redirects.current if node_id not in counts]
         client = self._healthy_client()
         pushed = False
-        if (counts or shared) and client is not None:
+        if counts and client is not None:
             try:
                 async with asyncio.timeout(self._bound):
-                    totals = await self._push_counts(client, counting, counts, shared)
+                    await self._push_counts(client, counting, counts)
                 pushed = True
             except _REDIS_FAILURES as exc:
                 self._command_failed(client, exc)
-            else:
-                self._count_others(counts, totals)
         # Counts of a window that has closed are dropped when they cannot be pushed: pushed
         # later they would all land in one window and inflate its load estimate.
         if counts and not pushed and current == counting:
@@ -948,42 +917,14 @@ class RedisStore:
             self.redirects.rotate()
             self._window = current
             self._closed_windows.append(counting)
-            self._window_pushed, self._window_others = {}, {}
         await self._estimate_settled_window(now)
 
-    async def _push_counts(
-        self, client: Redis, window: int, counts: Mapping[str, int], read: Sequence[str] = ()
-    ) -> dict[str, int]:
-        """Add ``counts`` to ``window``'s shared totals; the totals of those nodes and of
-        ``read`` after the adds."""
+    async def _push_counts(self, client: Redis, window: int, counts: Mapping[str, int]) -> None:
         ttl_ms = round(REDIRECT_KEY_WINDOWS * self._state.redirect_window_s * 1000)
         # One call, so all the counts land or none do (those then go with the next push).
         add_counts = client.register_script(_ADD_COUNTS)
-        node_ids = [*counts, *read]
-        keys = [self._keys.redirects(window, node_id) for node_id in node_ids]
-        totals = await add_counts(
-            keys=keys, args=[ttl_ms, len(counts), *counts.values()], client=client
-        )
-        return dict(zip(node_ids, map(int, totals), strict=True))
-
-    def _count_others(self, pushed: Mapping[str, int], totals: Mapping[str, int]) -> None:
-        """Count against each node's expected load the redirects other instances sent it in
-        the current window since the last push (its shared total less this instance's part
-        and what was counted before), and expect as many in the next second."""
-        # A node first read in a window has all the others sent it in the window so far
-        # counted over the last second alone: its forecast is the more cautious.
-        now = time.monotonic()
-        read_before, self._totals_read_at = self._totals_read_at, now
-        over_s = FLUSH_INTERVAL_S if read_before is None else max(now - read_before, 1e-3)
-        for node_id, n in pushed.items():
-            self._window_pushed[node_id] = self._window_pushed.get(node_id, 0) + n
-        for node_id, total in totals.items():
-            if total < 0:
-                continue  # not a count: logged when the window's estimate reads it
-            counted = self._window_others.get(node_id, 0)
-            others = max(total - self._window_pushed.get(node_id, 0) - counted, 0)
-            self._window_others[node_id] = counted + others
-            self.live.count_shared(node_id, others, over_s)
+        keys = [self._keys.redirects(window, node_id) for node_id in counts]
+        await add_counts(keys=keys, args=[ttl_ms, *counts.values()], client=client)
 
     async def _estimate_settled_window(self, now: float) -> None:
         window_s = self._state.redirect_window_s
