@@ -64,9 +64,9 @@ START_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 #: Probe rounds after start-up before clients arrive: every node must be seen up (``rise``).
 WARM_ROUNDS = 3
-#: Requests that warm the workers' catalogs (``_warm_catalogs``): each misses a given one of two
-#: workers with probability 1/2, so all 32 miss it about once in 4 billion runs.
-WARM_REQUESTS = 32
+#: Requests per worker that warm the workers' catalogs (``_warm_catalogs``): with N workers each
+#: misses a given one with probability 1 - 1/N, so all 16 N miss it with about e^-16.
+WARM_REQUESTS_PER_WORKER = 16
 
 
 # --------------------------------------------------------------------------- the nodes
@@ -296,13 +296,13 @@ class _Run:
             await asyncio.gather(*tasks)
 
 
-def _warm_catalogs(port: int, path: str) -> None:
+def _warm_catalogs(port: int, path: str, workers: int) -> None:
     """Every worker's catalog holds the file before clients arrive, as a running gateway's
     does: otherwise each worker's first requests wait for its upstream lookup together and
     are all answered in one burst, from one state. ``/explain`` reads the catalog as a
     redirect does but counts nothing; each request on a new connection reaches a worker the
-    kernel picks, so a few dozen reach every worker."""
-    for _ in range(WARM_REQUESTS):
+    kernel picks, so a few dozen per worker reach every one."""
+    for _ in range(WARM_REQUESTS_PER_WORKER * workers):
         status, _body = procs.http_get(port, f"/explain{path}")
         if status != 200:
             raise procs.BenchError(f"explain answered {status} while warming the catalogs")
@@ -386,7 +386,7 @@ def run_live(
                 procs.wait_http(server, "/healthz", START_TIMEOUT_S)
             repo = hub.repo_id(0)
             path = hub.resolve_path(repo, hub.commit_of(repo), 1)
-            _warm_catalogs(gateway.port, path)
+            _warm_catalogs(gateway_port, path, workers)
             rise = int(config["probing"].get("rise", 2))
             time.sleep((rise + WARM_ROUNDS) * options.reading_s)
             by_port = {ports[n.config.id]: n for n in world.nodes}
